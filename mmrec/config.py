@@ -1,0 +1,262 @@
+"""The one typed schema for params.yaml.
+
+Every stage calls `load_params()` first: an unknown key, a wrong type or an out-of-range value
+becomes one `ParamsError` line naming the dotted key, the bad value and what is allowed, before
+any work starts. Nothing else in the project reads params.yaml.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from mmrec.errors import UserError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PARAMS_FILE = Path("params.yaml")
+RUNG_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+
+class ParamsError(UserError):
+    """A user mistake in params.yaml; its message is one line, fit to print as is."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+Fraction = Annotated[float, Field(gt=0, lt=0.5)]
+
+
+class DataParams(Section):
+    source: str = "package:bible/data/kjv.jsonl"  # http(s)://... | a path | package:<import name>/<file>
+    sha256: str = ""  # required for URLs: the download is verified against it
+    text_field: str = "text"  # jsonl/parquet column that holds the text
+    group_by: list[str] = ["book", "chapter"]  # jsonl/parquet: consecutive records sharing these form one document
+    val_fraction: Fraction = 0.05
+    test_fraction: Fraction = 0.05
+    min_doc_chars: Annotated[int, Field(ge=1)] = 1
+    timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    retries: Annotated[int, Field(ge=0, le=20)] = 3
+    max_bytes: PositiveInt = 2_000_000_000
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, v: str) -> str:
+        if v and not re.fullmatch(r"[0-9a-f]{64}", v):
+            raise ValueError("must be empty or 64 lowercase hex digits")
+        return v
+
+    @model_validator(mode="after")
+    def _splits_leave_train(self) -> "DataParams":
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError("val_fraction + test_fraction must leave at least 10% for train")
+        return self
+
+
+class TokenizerParams(Section):
+    vocab_size: Annotated[int, Field(ge=100, le=65535)] = 5000  # uint16 token files
+    model_type: Literal["bpe", "unigram"] = "bpe"
+    character_coverage: Annotated[float, Field(gt=0.9, le=1.0)] = 1.0
+    byte_fallback: bool = True
+    split_digits: bool = True
+    num_threads: Annotated[int, Field(ge=1, le=256)] = 2  # fixed so the model file is identical on a rerun
+    input_sentence_size: Annotated[int, Field(ge=0)] = 0  # 0: use every train line
+
+
+class ModelParams(Section):
+    arch: Literal["mmrec", "gpt"] = "mmrec"
+    ffn: Literal["swiglu", "gelu"] = "swiglu"
+    ffn_mult: Annotated[float, Field(gt=0, le=16)] = 8 / 3  # hidden = round(ffn_mult * width)
+    dpg_rank: Annotated[int, Field(ge=1, le=1024)] = 16  # rank of the low-rank decay gate (DPG)
+    chunk_size: Annotated[int, Field(ge=1, le=1024)] = 32  # scan chunk length C
+    min_floor: Annotated[float, Field(gt=0, lt=1)] = 0.5  # smallest decay floor: bounds |log A| in a chunk
+    max_floor: Annotated[float, Field(gt=0, lt=1)] = 0.996  # largest decay floor (longest memory)
+    uboo_weight: Annotated[float, Field(ge=0)] = 0.0  # auxiliary next-state loss; 0 turns it off
+    head_dim: Annotated[int, Field(ge=8, le=1024)] = 32  # gpt baseline: width / head_dim heads
+    norm_eps: Annotated[float, Field(gt=0, lt=1e-2)] = 1e-6
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+
+    @model_validator(mode="after")
+    def _floors_ordered(self) -> "ModelParams":
+        if self.min_floor > self.max_floor:
+            raise ValueError("min_floor must not exceed max_floor")
+        return self
+
+
+class RungParams(Section):
+    width: Annotated[int, Field(ge=8, le=8192)]
+    layers: Annotated[int, Field(ge=1, le=128)]
+    memories: Annotated[int, Field(ge=1, le=64)] = 4
+    # What this rung waits for, as a DVC dependency path: `data/tokens` for a rung trained from
+    # scratch, `models/<parent>/promotion.json` for a rung grown from the promoted <parent>.
+    after: str = "data/tokens"
+    max_steps: Annotated[int, Field(ge=0)] = 0  # 0: use train.max_steps
+    lr: Annotated[float, Field(ge=0)] = 0.0  # 0: use train.lr
+
+    @property
+    def parent(self) -> str | None:
+        m = re.fullmatch(r"models/([^/]+)/promotion\.json", self.after)
+        return m.group(1) if m else None
+
+    @field_validator("after")
+    @classmethod
+    def _known_after(cls, v: str) -> str:
+        if v != "data/tokens" and not re.fullmatch(r"models/[a-z][a-z0-9_-]*/promotion\.json", v):
+            raise ValueError("must be 'data/tokens' or 'models/<rung>/promotion.json'")
+        return v
+
+    @model_validator(mode="after")
+    def _width_splits(self) -> "RungParams":
+        if self.width % self.memories:
+            raise ValueError(f"width {self.width} must be a multiple of memories {self.memories}")
+        return self
+
+
+class TrainParams(Section):
+    seq_len: Annotated[int, Field(ge=2, le=65536)] = 256
+    batch_size: PositiveInt = 16
+    grad_accum: PositiveInt = 1
+    lr: Annotated[float, Field(gt=0, le=1)] = 3e-3
+    min_lr: Annotated[float, Field(ge=0, le=1)] = 3e-4
+    warmup_steps: Annotated[int, Field(ge=0)] = 50
+    rewarmup_steps: Annotated[int, Field(ge=0)] = 20  # warmup of a rung grown from its parent
+    weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.1
+    beta1: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    beta2: Annotated[float, Field(ge=0, lt=1)] = 0.99
+    grad_clip: Annotated[float, Field(ge=0)] = 1.0  # 0 turns clipping off
+    max_steps: Annotated[int, Field(ge=1)] = 600
+    max_tokens: Annotated[int, Field(ge=0)] = 0  # 0: budget is max_steps only
+    eval_every: PositiveInt = 50
+    eval_windows: PositiveInt = 32  # fixed validation windows of seq_len tokens
+    patience: Annotated[int, Field(ge=0)] = 0  # evaluations without improvement; 0 never stops early
+    log_every: PositiveInt = 10
+    threads: Annotated[int, Field(ge=0, le=1024)] = 0  # 0: all cores
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = False
+    checkpoint_dir: str = "checkpoints"  # last.pt lives here, outside DVC, so a killed run resumes
+
+    @model_validator(mode="after")
+    def _min_below_lr(self) -> "TrainParams":
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr {self.min_lr} must not exceed lr {self.lr}")
+        return self
+
+
+class EvaluateParams(Section):
+    batch_size: PositiveInt = 16
+    max_tokens: Annotated[int, Field(ge=0)] = 0  # 0: every test token
+    prompts: list[str] = ["In the beginning", "And the LORD said unto Moses,"]
+    sample_tokens: Annotated[int, Field(ge=1, le=4096)] = 60
+    temperature: Annotated[float, Field(gt=0, le=10)] = 0.8
+    top_k: Annotated[int, Field(ge=0)] = 50  # 0: no top-k filtering
+
+
+class PromoteParams(Section):
+    min_improvement: Annotated[float, Field(ge=0)] = 0.01  # bits per byte the rung must gain on its parent
+    baseline_margin: Annotated[float, Field(ge=0)] = 0.5  # first rung: bits per byte under the unigram baseline
+    max_bpb: Annotated[float, Field(ge=0)] = 0.0  # 0: no ceiling
+    on_reject: Literal["fail", "continue"] = "fail"
+    registered_model: Annotated[str, Field(min_length=1)] = "mmrec"
+    growth_noise: Annotated[float, Field(ge=0, le=1)] = 0.0
+
+
+class MlflowParams(Section):
+    tracking_uri: str = "sqlite:///mlflow.db"  # relative paths resolve against the main repository
+    artifact_root: str = "mlruns"
+    experiment: Annotated[str, Field(min_length=1)] = "mmrec"
+
+
+class Params(Section):
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 1337
+    data: DataParams = DataParams()
+    tokenizer: TokenizerParams = TokenizerParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    ladder: dict[str, RungParams] = {
+        "tiny": RungParams(width=128, layers=4),
+        "mini": RungParams(width=256, layers=6, after="models/tiny/promotion.json"),
+    }
+    evaluate: EvaluateParams = EvaluateParams()
+    promote: PromoteParams = PromoteParams()
+    mlflow: MlflowParams = MlflowParams()
+
+    @model_validator(mode="after")
+    def _ladder_chains(self) -> "Params":
+        if not self.ladder:
+            raise ValueError("ladder must list at least one rung")
+        seen: list[str] = []
+        for name, rung in self.ladder.items():
+            if not RUNG_NAME.match(name):
+                raise ValueError(f"rung name {name!r} must match {RUNG_NAME.pattern}")
+            if rung.parent is not None and rung.parent not in seen:
+                raise ValueError(f"ladder.{name}.after names {rung.parent!r}, which is not a rung above it")
+            seen.append(name)
+        return self
+
+    def rung(self, name: str) -> RungParams:
+        if name not in self.ladder:
+            raise ParamsError(f"unknown rung {name!r}; the ladder has: {', '.join(self.ladder)}")
+        return self.ladder[name]
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, as MLflow logs them."""
+        return flatten(self.model_dump())
+
+    def digest(self, *sections: str) -> str:
+        """A stable hash of some sections (all when none named): equal configs hash equal."""
+        dump = self.model_dump()
+        picked = {k: dump[k] for k in sections} if sections else dump
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def _one_line(err: ValidationError) -> str:
+    e = err.errors()[0]
+    key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        return f"params.yaml: unknown key '{key}' (a typo?)"
+    if e["type"] == "missing":
+        return f"params.yaml: '{key}' is required"
+    if isinstance(e.get("input"), dict):  # a rule across keys: the section says it all
+        return f"params.yaml: {key}: {msg}"
+    return f"params.yaml: {key} = {e.get('input')!r}: {msg}"
+
+
+def parse_params(raw: Any) -> Params:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError("params.yaml: the top level must be a mapping of sections")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(_one_line(err)) from None
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: not found (run from the repository root)") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ParamsError(f"{path}:{where}: not valid YAML") from None
+    return parse_params(raw)

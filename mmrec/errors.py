@@ -1,0 +1,29 @@
+"""User errors and the one place that turns them into a one-line exit."""
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable, TypeVar
+
+F = TypeVar("F", bound=Callable[..., object])
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad params, bad input data, a failed gate): one line, no traceback."""
+
+
+def exits_cleanly(main: F) -> F:
+    """Wrap a stage's main(): a UserError prints `error: <message>` and exits 2, leaving no traceback."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]
