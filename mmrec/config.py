@@ -71,7 +71,7 @@ class TokenizerParams(Section):
 class ModelParams(Section):
     arch: Literal["mmrec", "gpt"] = "mmrec"
     ffn: Literal["swiglu", "gelu"] = "swiglu"
-    ffn_mult: Annotated[float, Field(gt=0, le=16)] = 8 / 3  # hidden = round(ffn_mult * width)
+    ffn_mult: Annotated[float, Field(gt=0, le=16)] = 2.75  # FFN hidden = ffn_mult * width (~8/3 for SwiGLU)
     dpg_rank: Annotated[int, Field(ge=1, le=1024)] = 16  # rank of the low-rank decay gate (DPG)
     chunk_size: Annotated[int, Field(ge=1, le=1024)] = 32  # scan chunk length C
     min_floor: Annotated[float, Field(gt=0, lt=1)] = 0.5  # smallest decay floor: bounds |log A| in a chunk
@@ -260,3 +260,12 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
         where = f" line {mark.line + 1}" if mark else ""
         raise ParamsError(f"{path}:{where}: not valid YAML") from None
     return parse_params(raw)
+
+
+def load_rung_params(argv: list[str], stage: str) -> tuple[Params, str]:
+    """For the per-rung stages: `python stages/<stage>.py <rung>` -> (validated params, rung name)."""
+    if len(argv) != 1:
+        raise UserError(f"usage: python stages/{stage}.py <rung>")
+    params = load_params()
+    params.rung(argv[0])  # an unknown rung fails here, before torch or mlflow is imported
+    return params, argv[0]

@@ -1,0 +1,178 @@
+"""MLflow tracking: the only module that imports mlflow.
+
+One MLflow run per rung. The stage that trains a rung opens it and writes its id to
+models/<rung>/run.json; evaluate and promote reopen the same run through that file, so a rung's
+whole story (params, curves, test metrics, the gate) sits in one place in `mlflow ui`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # telemetry stays off unless the user turns it on
+os.environ.setdefault("DO_NOT_TRACK", "true")
+logging.getLogger("alembic").setLevel(logging.WARNING)  # schema migrations on a fresh store are noise
+
+import mlflow  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+
+from mmrec.config import MlflowParams  # noqa: E402
+
+MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
+
+
+def repo_root() -> Path:
+    """The main repository: DVC's queued experiments run in a temporary copy but set DVC_ROOT to it."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def tracking_uri(params: MlflowParams) -> str:
+    """MLFLOW_TRACKING_URI wins; a relative sqlite path or directory resolves against the main repository."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or params.tracking_uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{repo_root() / uri.removeprefix('sqlite:///')}"
+    if "://" not in uri:
+        return str(repo_root() / uri)
+    return uri
+
+
+def artifact_location(params: MlflowParams) -> str:
+    root = params.artifact_root
+    return root if "://" in root else (repo_root() / root).as_uri()
+
+
+def client(params: MlflowParams) -> MlflowClient:
+    uri = tracking_uri(params)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(uri, uri)
+
+
+def experiment_id(c: MlflowClient, params: MlflowParams) -> str:
+    exp = c.get_experiment_by_name(params.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return c.create_experiment(params.experiment, artifact_location=artifact_location(params))
+    except mlflow.exceptions.MlflowException:  # a concurrent run created it first
+        return c.get_experiment_by_name(params.experiment).experiment_id
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def context_tags() -> dict[str, str]:
+    """Where a run comes from: git, the DVC stage and experiment (set by `dvc repro` / `dvc exp run`)."""
+    tags = {"git_commit": git_commit()}
+    for env, tag in [("DVC_STAGE", "dvc_stage"), ("DVC_EXP_NAME", "dvc_exp_name"),
+                     ("DVC_EXP_BASELINE_REV", "dvc_exp_baseline_rev")]:
+        if os.environ.get(env):
+            tags[tag] = os.environ[env]
+    return tags
+
+
+class Run:
+    """One MLflow run; metrics are buffered and sent in one batch per flush to keep logging cheap."""
+
+    def __init__(self, c: MlflowClient, run_id: str):
+        self.client, self.id = c, run_id
+        self._buffer: list[Metric] = []
+
+    @classmethod
+    def start(cls, params: MlflowParams, name: str, tags: dict[str, str]) -> "Run":
+        c = client(params)
+        run = c.create_run(experiment_id(c, params), run_name=name, tags={**context_tags(), **tags})
+        return cls(c, run.info.run_id)
+
+    @classmethod
+    def resume(cls, params: MlflowParams, run_id: str) -> "Run":
+        c = client(params)
+        c.update_run(run_id, status="RUNNING")
+        return cls(c, run_id)
+
+    def log_params(self, flat: dict[str, Any]) -> None:
+        items = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in sorted(flat.items())]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params a batch
+            self.client.log_batch(self.id, params=items[i:i + 100])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self.client.log_batch(self.id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log(self, step: int, **metrics: float) -> None:
+        ts = int(time.time() * 1000)
+        self._buffer += [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+
+    def flush(self) -> None:
+        for i in range(0, len(self._buffer), 1000):
+            self.client.log_batch(self.id, metrics=self._buffer[i:i + 1000])
+        self._buffer = []
+
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
+        self.client.log_artifact(self.id, str(path), folder)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.flush()
+        self.client.set_terminated(self.id, status)
+
+    def metric_history(self, key: str) -> Iterator[tuple[int, float]]:
+        for m in self.client.get_metric_history(self.id, key):
+            yield m.step, m.value
+
+
+class MMRecPyfunc(mlflow.pyfunc.PythonModel):
+    """`models:/<name>@champion` as a text generator: a list of prompts in, their greedy continuations out."""
+
+    def load_context(self, context) -> None:
+        from mmrec.evaluate import load_model
+        from mmrec.tokenizer import load_tokenizer
+
+        self.model, _ = load_model(context.artifacts["checkpoint"])
+        self.sp = load_tokenizer(context.artifacts["tokenizer"])
+
+    def predict(self, context, model_input: list[str], params: dict | None = None) -> list[str]:
+        from mmrec.evaluate import generate
+
+        n = int((params or {}).get("max_new_tokens", 40))
+        return [self.sp.decode(generate(self.model, self.sp.encode(p), n, greedy=True, eos_id=self.sp.eos_id()))
+                for p in model_input]
+
+
+def register(run: Run, name: str, checkpoint: Path, tokenizer: Path, aliases: list[str]) -> str:
+    """Log the checkpoint as a pyfunc model in `run`, register it as a new version of `name`, point the aliases at it."""
+    code = Path(__file__).resolve().parent  # the mmrec package travels with the model
+    with mlflow.start_run(run_id=run.id):
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=MMRecPyfunc(), code_paths=[str(code)],
+            artifacts={"checkpoint": str(checkpoint), "tokenizer": str(tokenizer)},
+            pip_requirements=[f"torch=={_version('torch')}", f"sentencepiece=={_version('sentencepiece')}",
+                              f"numpy=={_version('numpy')}", f"pydantic=={_version('pydantic')}"])
+    try:
+        run.client.create_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        pass  # it exists already (or a concurrent promotion made it)
+    version = run.client.create_model_version(name, info.model_uri, run_id=run.id).version
+    for alias in aliases:
+        run.client.set_registered_model_alias(name, alias, version)
+    return str(version)
+
+
+def load_champion(params: MlflowParams, name: str, alias: str = "champion"):
+    """The pyfunc model that `models:/<name>@<alias>` names in this project's store."""
+    client(params)
+    return mlflow.pyfunc.load_model(f"models:/{name}@{alias}")
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)

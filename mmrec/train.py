@@ -1,0 +1,348 @@
+"""Training one rung of the ladder: the loop, its schedule, checkpoints, early stopping and resume.
+
+`train_rung` is what `stages/train.py` calls. A run killed at any moment resumes from
+checkpoints/<rung>/last.pt (when its fingerprint matches the current params and data) and ends
+with the same weights as a run that was never killed: the checkpoint holds the model, optimizer,
+step, both RNG states and the history. The loop is plain PyTorch, nanoGPT style.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from mmrec import checkpoint
+from mmrec.config import Params, TrainParams
+from mmrec.data import check_fits, fixed_starts, random_batch
+from mmrec.errors import UserError
+from mmrec.files import atomic_path, copy_atomic, sha256_file, sha256_text, write_json
+from mmrec.evaluate import score
+from mmrec.model import ModelConfig, build_model, count_params, param_groups
+
+
+class MetricSink(Protocol):
+    def log(self, step: int, **metrics: float) -> None: ...
+    def flush(self) -> None: ...
+
+
+class TrainingDiverged(UserError):
+    pass
+
+
+@dataclass
+class Budget:
+    steps: int
+    lr: float
+    warmup: int
+
+
+@dataclass
+class Progress:
+    """Everything besides tensors that a resumed run needs; stored in last.pt as plain types."""
+    step: int = 0
+    tokens: int = 0
+    best_val: float = math.inf
+    best_step: int = -1
+    bad_evals: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per evaluation
+    stopped_early: bool = False
+
+
+def lr_at(step: int, budget: Budget, min_lr: float) -> float:
+    """Linear warmup to the peak, then cosine decay to min_lr at the end of the budget."""
+    if step < budget.warmup:
+        return budget.lr * (step + 1) / budget.warmup
+    span = max(budget.steps - budget.warmup, 1)
+    cos = 0.5 * (1 + math.cos(math.pi * min(step - budget.warmup, span) / span))
+    return min_lr + (budget.lr - min_lr) * cos
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device = 'cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else name if name != "auto" else "cpu")
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; full fp32 on CPU so CPU runs stay bit-reproducible."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed torch's global RNG (init, dropout) and return the data sampler's own generator."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    return torch.Generator().manual_seed(seed + 1)
+
+
+def val_loss(model: torch.nn.Module, val: np.ndarray, starts: list[int], tp: TrainParams, device: torch.device) -> float:
+    with autocast(device):
+        return score(model, val, [(s, tp.seq_len) for s in starts], tp.batch_size, device).loss
+
+
+def fit(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, tp: TrainParams, budget: Budget, *,
+        generator: torch.Generator, ckpt_dir: Path, extra: dict[str, Any], sink: MetricSink | None = None,
+        resume: dict[str, Any] | None = None, device: torch.device = torch.device("cpu")) -> Progress:
+    """Train until the budget or early stopping; keep best.pt and last.pt in ckpt_dir."""
+    optimizer = torch.optim.AdamW(param_groups(model, tp.weight_decay), lr=budget.lr, betas=(tp.beta1, tp.beta2),
+                                  fused=device.type == "cuda")
+    progress = Progress()
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        progress = Progress(**resume["progress"])
+        torch.set_rng_state(resume["rng"]["torch"])
+        generator.set_state(resume["rng"]["data"])
+    step_fn = torch.compile(model) if tp.compile else model
+    starts = fixed_starts(len(val), tp.seq_len, tp.eval_windows)
+    tokens_per_step = tp.batch_size * tp.seq_len * tp.grad_accum
+
+    def save(name: str, with_optimizer: bool) -> None:
+        state = {"model": model.state_dict(), "progress": progress.__dict__, **extra}
+        if with_optimizer:
+            state |= {"optimizer": optimizer.state_dict(),
+                      "rng": {"torch": torch.get_rng_state(), "data": generator.get_state()}}
+        checkpoint.save_atomic(state, ckpt_dir / name)
+
+    bar = tqdm(total=budget.steps, initial=progress.step, desc="train", unit="step", dynamic_ncols=True)
+    train_losses: list[float] = []
+    clock = time.perf_counter()
+    while progress.step < budget.steps and not progress.stopped_early:
+        lr = lr_at(progress.step, budget, min(tp.min_lr, budget.lr))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        loss_sum = 0.0
+        for _ in range(tp.grad_accum):
+            x, y = random_batch(train, tp.batch_size, tp.seq_len, generator)
+            with autocast(device):
+                out = step_fn(x.to(device), y.to(device))
+            (out.loss / tp.grad_accum).backward()
+            loss_sum += out.loss.item() / tp.grad_accum
+        if not math.isfinite(loss_sum):
+            bar.close()
+            raise TrainingDiverged(
+                f"loss became {loss_sum} at step {progress.step} (lr {lr:.2e}); the last good checkpoint is "
+                f"{ckpt_dir / 'last.pt'} (step {progress.history[-1]['step'] if progress.history else 0}); "
+                "lower train.lr or raise train.warmup_steps")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tp.grad_clip if tp.grad_clip > 0 else math.inf)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress.step += 1
+        progress.tokens += tokens_per_step
+        train_losses.append(loss_sum)
+        elapsed = time.perf_counter() - clock
+        tok_s = tokens_per_step / max(elapsed, 1e-9)
+        clock = time.perf_counter()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}", refresh=False)
+        if sink is not None:
+            sink.log(progress.step, train_loss=loss_sum, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tok_s)
+            if progress.step % tp.log_every == 0:
+                sink.flush()
+        if progress.step % tp.eval_every == 0 or progress.step == budget.steps:
+            vl = val_loss(model, val, starts, tp, device)
+            row = {"step": progress.step, "train_loss": float(np.mean(train_losses)), "val_loss": vl, "lr": lr}
+            progress.history.append(row)
+            train_losses = []
+            if vl < progress.best_val:
+                progress.best_val, progress.best_step, progress.bad_evals = vl, progress.step, 0
+                save("best.pt", with_optimizer=False)
+            else:
+                progress.bad_evals += 1
+                progress.stopped_early = 0 < tp.patience <= progress.bad_evals
+            save("last.pt", with_optimizer=True)
+            bar.write(f"step {progress.step}: val loss {vl:.4f} (best {progress.best_val:.4f} @ {progress.best_step})")
+            if sink is not None:
+                sink.log(progress.step, val_loss=vl)
+                sink.flush()
+            clock = time.perf_counter()  # evaluation time is not training throughput
+    bar.close()
+    return progress
+
+
+@dataclass
+class RungPaths:
+    """Where one rung's files live, relative to the repository root."""
+    root: Path
+    rung: str
+    checkpoint_dir: str = "checkpoints"
+
+    def model(self, rung: str | None = None) -> Path:
+        return self.root / "models" / (rung or self.rung)
+
+    @property
+    def ckpt(self) -> Path:
+        return self.root / self.checkpoint_dir / self.rung
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics" / "train" / f"{self.rung}.json"
+
+    @property
+    def speed(self) -> Path:
+        return self.root / "metrics" / "speed" / f"{self.rung}.json"
+
+    @property
+    def curve(self) -> Path:
+        return self.root / "metrics" / "train" / f"{self.rung}.csv"
+
+    @property
+    def tokens(self) -> Path:
+        return self.root / "data" / "tokens"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "models" / "tokenizer" / "spm.model"
+
+
+def budget_for(params: Params, rung_name: str) -> Budget:
+    tp, rung = params.train, params.rung(rung_name)
+    steps = rung.max_steps or tp.max_steps
+    if tp.max_tokens:
+        steps = min(steps, math.ceil(tp.max_tokens / (tp.batch_size * tp.seq_len * tp.grad_accum)))
+    warmup = tp.rewarmup_steps if rung.parent else tp.warmup_steps
+    return Budget(steps=steps, lr=rung.lr or tp.lr, warmup=min(warmup, steps))
+
+
+def fingerprint(params: Params, rung_name: str, tokenizer_sha: str, parent_sha: str) -> str:
+    """Equal for runs that must produce equal weights: resume only from a checkpoint with this value."""
+    p = params.model_dump()
+    picked = {"seed": p["seed"], "model": p["model"], "train": p["train"], "rung": p["ladder"][rung_name],
+              "growth_noise": p["promote"]["growth_noise"], "tokenizer": tokenizer_sha, "parent": parent_sha}
+    return sha256_text(json.dumps(picked, sort_keys=True))
+
+
+def train_rung(params: Params, rung_name: str, root: Path = Path(".")) -> dict[str, Any]:
+    """Train one rung end to end: resume or start, grow from the parent, track, write the DVC outputs."""
+    from mmrec import track  # the only mlflow importer; loaded here so the loop itself stays light to import
+    from mmrec.growth import grow_state_dict
+    from mmrec.plots import loss_curves
+    from mmrec.tokenizer import load_tokens, read_header
+
+    tp, rung = params.train, params.rung(rung_name)
+    paths = RungPaths(root, rung_name, tp.checkpoint_dir)
+    header = read_header(paths.tokens)
+    train_tokens, val_tokens = load_tokens(paths.tokens, "train"), load_tokens(paths.tokens, "val")
+    check_fits(train_tokens, tp.seq_len, "train")
+    check_fits(val_tokens, tp.seq_len, "val")
+    torch.set_num_threads(tp.threads or torch.get_num_threads())
+    device = resolve_device(tp.device)
+    cfg = ModelConfig.from_params(params.model, rung, header["vocab_size"])
+    budget = budget_for(params, rung_name)
+
+    parent_best = paths.model(rung.parent) / "best.pt" if rung.parent else None
+    if parent_best is not None and not parent_best.exists():
+        raise UserError(f"rung {rung_name} grows from {rung.parent}, but {parent_best} is missing; run `dvc repro promote@{rung.parent}`")
+    parent_sha = sha256_file(parent_best) if parent_best else ""
+    fp = fingerprint(params, rung_name, header["tokenizer_sha256"], parent_sha)
+    resume = None
+    if (paths.ckpt / "last.pt").exists():
+        last = checkpoint.load(paths.ckpt / "last.pt")
+        if last.get("fingerprint") == fp:
+            resume = last
+        else:
+            shutil.rmtree(paths.ckpt)  # params or data changed: that run's state means nothing now
+
+    generator = seed_everything(params.seed)
+    model = build_model(cfg).to(device)
+    n_params = count_params(model)
+    if resume is not None:
+        run = track.Run.resume(params.mlflow, resume["run_id"])
+        tqdm.write(f"resuming {rung_name} from step {resume['progress']['step']} ({paths.ckpt / 'last.pt'})")
+    else:
+        tags = {"rung": rung_name, "params_hash": params.digest(), "fingerprint": fp, "arch": cfg.arch,
+                "tokenizer_sha256": header["tokenizer_sha256"], "data_sha256": header.get("data_sha256", ""),
+                "dvc_stage": f"train@{rung_name}"}
+        if rung.parent:
+            tags |= parent_tags(paths, rung.parent)
+        run = track.Run.start(params.mlflow, rung_name, tags)
+        run.log_params(params.flat() | {"n_params": n_params, "budget.steps": budget.steps, "budget.lr": budget.lr})
+        if parent_best is not None:
+            parent = checkpoint.load(parent_best)
+            parent_model = build_model(ModelConfig(**parent["config"])).to(device)
+            parent_model.load_state_dict(parent["model"])
+            grown = grow_state_dict(parent["model"], ModelConfig(**parent["config"]), cfg,
+                                    noise=params.promote.growth_noise, generator=torch.Generator().manual_seed(params.seed))
+            model.load_state_dict(grown)
+            starts = fixed_starts(len(val_tokens), tp.seq_len, tp.eval_windows)
+            run.log(0, parent_val_loss=val_loss(parent_model, val_tokens, starts, tp, device),
+                    grown_val_loss=val_loss(model, val_tokens, starts, tp, device))
+            run.flush()
+            del parent_model
+
+    extra = {"config": cfg.to_dict(), "fingerprint": fp, "run_id": run.id,
+             "tokenizer_sha256": header["tokenizer_sha256"], "rung": rung_name}
+    try:
+        progress = fit(model, train_tokens, val_tokens, tp, budget, generator=generator, ckpt_dir=paths.ckpt,
+                       extra=extra, sink=run, resume=resume, device=device)
+    except TrainingDiverged:
+        run.end("FAILED")
+        raise
+    except KeyboardInterrupt:
+        run.end("KILLED")
+        raise
+
+    out = paths.model()
+    out.mkdir(parents=True, exist_ok=True)
+    copy_atomic(paths.ckpt / "best.pt", out / "best.pt")
+    write_json(out / "run.json", {"run_id": run.id, "experiment": params.mlflow.experiment,
+                                  "tracking_uri": track.tracking_uri(params.mlflow)})
+    last = progress.history[-1]
+    metrics = {"best_val_loss": progress.best_val, "best_step": progress.best_step, "steps": progress.step,
+               "final_train_loss": last["train_loss"], "final_val_loss": last["val_loss"], "n_params": n_params,
+               "tokens_seen": progress.tokens, "stopped_early": progress.stopped_early}
+    write_json(paths.metrics, metrics)
+    speed = run_speed(run)
+    write_json(paths.speed, speed)
+    write_curve(paths.curve, progress.history)
+    png = paths.ckpt / f"{rung_name}_curves.png"
+    loss_curves(progress.history, png, title=f"{rung_name} ({cfg.arch}, {n_params / 1e6:.2f}M params)")
+    run.log(progress.step, best_val_loss=progress.best_val, best_step=progress.best_step,
+            median_tokens_per_s=speed["tokens_per_s"])
+    run.log_artifact(png, "plots")
+    run.log_artifact(paths.tokenizer, "tokenizer")
+    run.log_artifact(out / "best.pt", "checkpoint")
+    run.end()
+    shutil.rmtree(paths.ckpt)  # finished: a forced rerun starts from scratch rather than resuming the end
+    return metrics
+
+
+def parent_tags(paths: RungPaths, parent: str) -> dict[str, str]:
+    tags = {"parent_rung": parent}
+    run_file, promo_file = paths.model(parent) / "run.json", paths.model(parent) / "promotion.json"
+    if run_file.exists():
+        tags["parent_run_id"] = json.loads(run_file.read_text())["run_id"]
+    if promo_file.exists():
+        tags["parent_model_version"] = str(json.loads(promo_file.read_text()).get("model_version", ""))
+    return tags
+
+
+def run_speed(run: Any) -> dict[str, float]:
+    """Median training throughput, from the run's own history (kept out of the bit-reproducible metrics)."""
+    run.flush()
+    values = [v for _, v in run.metric_history("tokens_per_s")]
+    return {"tokens_per_s": float(np.median(values)) if values else 0.0}
+
+
+def write_curve(path: Path, history: list[dict[str, float]]) -> None:
+    """The plot data for `dvc plots`: step, train_loss, val_loss, lr per evaluation."""
+    tmp = atomic_path(path)
+    try:
+        lines = ["step,train_loss,val_loss,lr"] + [f"{r['step']},{r['train_loss']!r},{r['val_loss']!r},{r['lr']!r}" for r in history]
+        tmp.write_text("\n".join(lines) + "\n")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

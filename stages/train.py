@@ -1,0 +1,25 @@
+"""DVC stage train@<rung>: train one rung of the ladder (grown from its parent when it has one).
+
+    python stages/train.py tiny
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repo root
+
+from mmrec.config import load_rung_params  # noqa: E402
+from mmrec.errors import exits_cleanly  # noqa: E402
+
+
+@exits_cleanly
+def main(argv: list[str]) -> None:
+    params, rung = load_rung_params(argv, "train")
+    from mmrec.train import train_rung
+
+    metrics = train_rung(params, rung)
+    print(f"{rung}: best val loss {metrics['best_val_loss']:.4f} at step {metrics['best_step']} "
+          f"({metrics['n_params'] / 1e6:.2f}M params)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

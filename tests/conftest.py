@@ -1,0 +1,125 @@
+"""Shared fixtures: a small synthetic corpus and a throwaway copy of the repository for real `dvc` runs."""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+SUBJECTS = ["the king", "a shepherd", "the people", "my brother", "the prophet", "his servant", "the city"]
+VERBS = ["went up to", "spake unto", "looked upon", "came down from", "gave bread to", "dwelt in"]
+OBJECTS = ["the mountain", "the house of David", "Jerusalem", "the river", "the land of Egypt", "the temple"]
+
+
+def synthetic_documents(n_docs: int = 120, seed: int = 0) -> list[str]:
+    """A tiny, learnable corpus: templated sentences grouped into multi-sentence documents."""
+    rng = random.Random(seed)
+    docs = []
+    for d in range(n_docs):
+        sentences = [f"{rng.choice(SUBJECTS).capitalize()} {rng.choice(VERBS)} {rng.choice(OBJECTS)} "
+                     f"in the {rng.randint(1, 40)}th year." for _ in range(rng.randint(4, 9))]
+        docs.append(f"Chapter {d}. " + " ".join(sentences))
+    return docs
+
+
+@pytest.fixture
+def corpus_txt(tmp_path: Path) -> Path:
+    """A .txt corpus: documents separated by blank lines."""
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(synthetic_documents()) + "\n")
+    return path
+
+
+TINY_PARAMS = {
+    "tokenizer": {"vocab_size": 400},
+    "model": {"dpg_rank": 4, "chunk_size": 16, "head_dim": 16},
+    "train": {"seq_len": 32, "batch_size": 4, "max_steps": 12, "eval_every": 6, "eval_windows": 4,
+              "warmup_steps": 2, "rewarmup_steps": 2, "log_every": 2, "threads": 1},
+    "ladder": {"tiny": {"width": 32, "layers": 1, "memories": 2, "after": "data/tokens"},
+               "mini": {"width": 64, "layers": 2, "memories": 2, "after": "models/tiny/promotion.json"}},
+    "evaluate": {"sample_tokens": 8, "max_tokens": 2000},
+    "promote": {"baseline_margin": 0.0, "min_improvement": 0.0},
+}
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture
+def project(tmp_path: Path, corpus_txt: Path):
+    """A fresh git + DVC copy of the repository with tiny params and the synthetic corpus; returns a setter for params."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    for name in ["mmrec", "stages", "dvc.yaml", "params.yaml", ".gitignore", ".dvc/config", ".dvc/.gitignore"]:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, root / name)
+
+    def set_params(**sections) -> None:
+        params = yaml.safe_load((REPO / "params.yaml").read_text())
+        params = deep_merge(params, TINY_PARAMS)
+        params["data"] |= {"source": str(corpus_txt), "val_fraction": 0.1, "test_fraction": 0.1}
+        params = deep_merge(params, sections)
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    set_params()
+    run(["git", "init", "-q"], root)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], root)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"], root)
+    return root, set_params
+
+
+@pytest.fixture(scope="session")
+def tokenized(tmp_path_factory) -> Path:
+    """A root with data/prepared, models/tokenizer and data/tokens built by the real code from the synthetic corpus."""
+    from mmrec.config import DataParams, TokenizerParams
+    from mmrec.corpus import write_splits
+    from mmrec.tokenizer import encode_splits, train_tokenizer
+
+    root = tmp_path_factory.mktemp("tokenized")
+    prepared = root / "data" / "prepared"
+    prepared.mkdir(parents=True)
+    write_splits(synthetic_documents(), prepared, DataParams(val_fraction=0.1, test_fraction=0.1))
+    model = train_tokenizer(prepared / "train.txt", root / "models" / "tokenizer", TokenizerParams(vocab_size=400), seed=0)
+    encode_splits(model, prepared, root / "data" / "tokens", num_threads=1)
+    return root
+
+
+@pytest.fixture
+def workdir(tokenized: Path, tmp_path: Path) -> Path:
+    """A private copy of `tokenized` that a test may write into (models/, metrics/, mlflow.db)."""
+    root = tmp_path / "work"
+    shutil.copytree(tokenized, root)
+    return root
+
+
+def tiny_params(root: Path, **sections):
+    """Validated tiny Params whose MLflow store lives under `root`."""
+    from mmrec.config import parse_params
+
+    raw = deep_merge(TINY_PARAMS, {"mlflow": {"tracking_uri": f"sqlite:///{root}/mlflow.db",
+                                              "artifact_root": str(root / "mlruns")}})
+    return parse_params(deep_merge(raw, sections))
