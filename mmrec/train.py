@@ -197,7 +197,7 @@ class RungPaths:
 
     @property
     def curve(self) -> Path:
-        return self.root / "metrics" / "train" / f"{self.rung}.csv"
+        return self.root / "metrics" / "curves" / f"{self.rung}.csv"
 
     @property
     def tokens(self) -> Path:

@@ -109,7 +109,7 @@ def test_train_rung_logs_params_metrics_and_artifacts_to_mlflow(workdir):
 
     saved = json.loads((workdir / "metrics/train/tiny.json").read_text())
     assert saved["best_val_loss"] == metrics["best_val_loss"] and saved["n_params"] > 0
-    assert (workdir / "metrics/train/tiny.csv").read_text().splitlines()[0] == "step,train_loss,val_loss,lr"
+    assert (workdir / "metrics/curves/tiny.csv").read_text().splitlines()[0] == "step,train_loss,val_loss,lr"
     best = checkpoint.load(workdir / "models/tiny/best.pt")
     assert best["progress"]["best_step"] == saved["best_step"]
     assert not (workdir / "checkpoints" / "tiny").exists()  # finished runs leave nothing to resume

@@ -1,0 +1,40 @@
+"""Stage `tokenizer`: train SentencePiece on data/prepared/train.txt, encode every split to data/tokens."""
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # mmrec is not pip-installed
+
+from mmrec.config import load_params  # noqa: E402
+from mmrec.errors import UserError, exits_cleanly  # noqa: E402
+from mmrec.files import write_json  # noqa: E402
+from mmrec.tokenizer import SPLITS, encode_splits, staged_dir, train_tokenizer  # noqa: E402
+
+PREPARED = Path("data/prepared")
+MODEL_DIR = Path("models/tokenizer")
+TOKENS_DIR = Path("data/tokens")
+METRICS = Path("metrics/tokenizer.json")
+
+
+@exits_cleanly
+def main() -> None:
+    params = load_params()
+    for split in SPLITS:
+        txt = PREPARED / f"{split}.txt"
+        if not txt.is_file() or txt.stat().st_size == 0:
+            raise UserError(f"{txt}: missing or empty (run `dvc repro download` first)")
+    start = time.perf_counter()
+    # Both dirs are built beside their final place and renamed in only when everything succeeded.
+    with staged_dir(MODEL_DIR) as model_dir, staged_dir(TOKENS_DIR) as tokens_dir:
+        model = train_tokenizer(PREPARED / "train.txt", model_dir, params.tokenizer, params.seed)
+        header = encode_splits(model, PREPARED, tokens_dir, params.tokenizer.num_threads)
+    seconds = time.perf_counter() - start
+    METRICS.parent.mkdir(parents=True, exist_ok=True)
+    write_json(METRICS, dict(vocab_size=header["vocab_size"], seconds=round(seconds, 2), **header["splits"]))
+    bpt = ", ".join(f"{s} {header['splits'][s]['bytes_per_token']:.3f}" for s in SPLITS)
+    print(f"tokenizer: vocab {header['vocab_size']}, {header['splits']['train']['tokens']:,} train tokens, "
+          f"bytes/token {bpt}, {seconds:.1f}s")
+
+
+if __name__ == "__main__":
+    main()
