@@ -217,11 +217,12 @@ def budget_for(params: Params, rung_name: str) -> Budget:
     return Budget(steps=steps, lr=rung.lr or tp.lr, warmup=min(warmup, steps))
 
 
-def fingerprint(params: Params, rung_name: str, tokenizer_sha: str, parent_sha: str) -> str:
+def fingerprint(params: Params, rung_name: str, header: dict[str, Any], parent_sha: str) -> str:
     """Equal for runs that must produce equal weights: resume only from a checkpoint with this value."""
     p = params.model_dump()
     picked = {"seed": p["seed"], "model": p["model"], "train": p["train"], "rung": p["ladder"][rung_name],
-              "growth_noise": p["promote"]["growth_noise"], "tokenizer": tokenizer_sha, "parent": parent_sha}
+              "growth_noise": p["promote"]["growth_noise"], "tokenizer": header["tokenizer_sha256"],
+              "data": header.get("data_sha256", ""), "parent": parent_sha}
     return sha256_text(json.dumps(picked, sort_keys=True))
 
 
@@ -247,7 +248,7 @@ def train_rung(params: Params, rung_name: str, root: Path = Path(".")) -> dict[s
     if parent_best is not None and not parent_best.exists():
         raise UserError(f"rung {rung_name} grows from {rung.parent}, but {parent_best} is missing; run `dvc repro promote@{rung.parent}`")
     parent_sha = sha256_file(parent_best) if parent_best else ""
-    fp = fingerprint(params, rung_name, header["tokenizer_sha256"], parent_sha)
+    fp = fingerprint(params, rung_name, header, parent_sha)
     resume = None
     if (paths.ckpt / "last.pt").exists():
         last = checkpoint.load(paths.ckpt / "last.pt")

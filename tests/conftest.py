@@ -42,7 +42,7 @@ def corpus_txt(tmp_path: Path) -> Path:
 TINY_PARAMS = {
     "tokenizer": {"vocab_size": 400},
     "model": {"dpg_rank": 4, "chunk_size": 16, "head_dim": 16},
-    "train": {"seq_len": 32, "batch_size": 4, "max_steps": 12, "eval_every": 6, "eval_windows": 4,
+    "train": {"seq_len": 32, "batch_size": 8, "max_steps": 40, "eval_every": 20, "lr": 0.01, "min_lr": 0.001, "eval_windows": 4,
               "warmup_steps": 2, "rewarmup_steps": 2, "log_every": 2, "threads": 1},
     "ladder": {"tiny": {"width": 32, "layers": 1, "memories": 2, "after": "data/tokens"},
                "mini": {"width": 64, "layers": 2, "memories": 2, "after": "models/tiny/promotion.json"}},

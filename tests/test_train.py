@@ -67,9 +67,9 @@ def test_same_seed_gives_bit_identical_losses(workdir):
 def test_resume_after_a_kill_ends_with_the_same_weights(workdir):
     whole, whole_model = run_fit(workdir, workdir / "whole")
     with pytest.raises(Crash):
-        run_fit(workdir, workdir / "killed", sink=CrashAt(9))  # last.pt was written at step 6
+        run_fit(workdir, workdir / "killed", sink=CrashAt(25))  # last.pt was written at step 20
     last = checkpoint.load(workdir / "killed" / "last.pt")
-    assert last["progress"]["step"] == 6
+    assert last["progress"]["step"] == 20
     resumed, resumed_model = run_fit(workdir, workdir / "killed", resume=last)
     assert resumed.history == whole.history
     for (name, a), b in zip(whole_model.state_dict().items(), resumed_model.state_dict().values()):
@@ -78,11 +78,11 @@ def test_resume_after_a_kill_ends_with_the_same_weights(workdir):
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(workdir):
     with pytest.raises(Crash):
-        run_fit(workdir, workdir / "c", sink=CrashAt(8))
+        run_fit(workdir, workdir / "c", sink=CrashAt(25))
     good = checkpoint.load(workdir / "c" / "last.pt")
     poisoned = dict(good)
     poisoned["model"] = {k: torch.full_like(v, float("nan")) if k in ("wte.weight", "head.weight") else v for k, v in good["model"].items()}
-    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 6 .*last good checkpoint"):
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 20 .*last good checkpoint"):
         run_fit(workdir, workdir / "c", resume=poisoned)
     after = checkpoint.load(workdir / "c" / "last.pt")
     assert all(torch.isfinite(v).all() for v in after["model"].values())
@@ -102,7 +102,7 @@ def test_train_rung_logs_params_metrics_and_artifacts_to_mlflow(workdir):
     assert run.data.tags["tokenizer_sha256"]
     for key in ["train_loss", "lr", "grad_norm", "tokens_per_s"]:
         assert len(client.get_metric_history(run_id, key)) == params.train.max_steps, key
-    assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [6, 12]
+    assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [20, 40]
     assert run.data.metrics["best_val_loss"] == pytest.approx(metrics["best_val_loss"])
     artifacts = {a.path for folder in ["plots", "tokenizer", "checkpoint"] for a in client.list_artifacts(run_id, folder)}
     assert artifacts == {"plots/tiny_curves.png", "tokenizer/spm.model", "checkpoint/best.pt"}

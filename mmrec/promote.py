@@ -1,0 +1,87 @@
+"""The promotion gate and the model registry.
+
+The decision reads only DVC-tracked files (the rung's eval metrics, its parent's promotion.json),
+never "the latest MLflow run": a stage that DVC restores from its cache creates no run.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mmrec.config import Params
+from mmrec.errors import UserError
+from mmrec.files import write_json
+
+
+class Rejected(UserError):
+    pass
+
+
+@dataclass
+class Decision:
+    rung: str
+    promoted: bool
+    reason: str
+    test_bpb: float
+    compared_to: str  # "unigram" or the parent rung
+    reference_bpb: float
+    threshold_bpb: float
+    run_id: str = ""
+    registered_model: str = ""
+    model_version: str = ""
+
+
+def read_json(path: Path, hint: str) -> dict:
+    if not path.exists():
+        raise UserError(f"{path} is missing; run `dvc repro {hint}` first")
+    return json.loads(path.read_text())
+
+
+def decide(params: Params, rung: str, root: Path = Path(".")) -> Decision:
+    """Promote when test bits/byte beats the parent by promote.min_improvement (the first rung: the
+    unigram baseline by promote.baseline_margin), and stays under promote.max_bpb when that is set."""
+    p, parent = params.promote, params.rung(rung).parent
+    metrics = read_json(root / "metrics" / "eval" / f"{rung}.json", f"evaluate@{rung}")
+    bpb = metrics["test_bpb"]
+    if parent:
+        ref = read_json(root / "models" / parent / "promotion.json", f"promote@{parent}")["test_bpb"]
+        threshold, what = ref - p.min_improvement, f"{parent} ({ref:.4f}) - min_improvement {p.min_improvement}"
+    else:
+        ref = metrics["unigram_bpb"]
+        threshold, what = ref - p.baseline_margin, f"unigram baseline ({ref:.4f}) - baseline_margin {p.baseline_margin}"
+    if bpb > threshold:
+        reason = f"test_bpb {bpb:.4f} missed {what} = {threshold:.4f} by {bpb - threshold:.4f}"
+    elif p.max_bpb and bpb > p.max_bpb:
+        reason = f"test_bpb {bpb:.4f} is above promote.max_bpb {p.max_bpb} by {bpb - p.max_bpb:.4f}"
+    else:
+        reason = f"test_bpb {bpb:.4f} <= {what} = {threshold:.4f}"
+        if p.max_bpb:
+            reason += f" and <= max_bpb {p.max_bpb}"
+        return Decision(rung, True, reason, bpb, parent or "unigram", ref, threshold)
+    return Decision(rung, False, reason, bpb, parent or "unigram", ref, threshold)
+
+
+def promote_rung(params: Params, rung: str, root: Path = Path(".")) -> Decision:
+    """Apply the gate; on promotion register the model and move the aliases. Rejection raises
+    `Rejected` after writing the decision, unless promote.on_reject is 'continue'."""
+    from mmrec import track
+    from mmrec.evaluate import read_run_id
+
+    model_dir = root / "models" / rung
+    decision = decide(params, rung, root)
+    decision.run_id = read_run_id(model_dir)
+    run = track.Run.resume(params.mlflow, decision.run_id)
+    if decision.promoted:
+        decision.registered_model = params.promote.registered_model
+        decision.model_version = track.register(run, params.promote.registered_model, model_dir / "best.pt",
+                                                root / "models" / "tokenizer" / "spm.model",
+                                                aliases=["champion", rung])
+    run.set_tags({"promote.decision": "promoted" if decision.promoted else "rejected",
+                  "promote.reason": decision.reason, "promote.threshold_bpb": decision.threshold_bpb,
+                  "promote.model_version": decision.model_version})
+    run.end()
+    write_json(model_dir / "promotion.json", asdict(decision))
+    if not decision.promoted and params.promote.on_reject == "fail":
+        raise Rejected(f"{rung} not promoted: {decision.reason} (set promote.on_reject: continue to go on anyway)")
+    return decision

@@ -1,0 +1,78 @@
+"""The real `dvc` command line over a throwaway copy of the repository, with tiny params."""
+import json
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import run
+
+
+def dvc(root, *args, check=True):
+    return run(["dvc", *args], root, check=check)
+
+
+def ran(output: str) -> list[str]:
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
+
+
+def test_data_stages_run_once_and_a_vocab_change_reruns_only_the_tokenizer(project):
+    root, set_params = project
+    first = dvc(root, "repro", "tokenizer")
+    assert ran(first.stdout) == ["download", "tokenizer"]
+    header = json.loads((root / "data/tokens/header.json").read_text())
+    assert header["vocab_size"] == 400
+    assert all((root / f"data/tokens/{s}.bin").stat().st_size == 2 * header["splits"][s]["tokens"]
+               for s in ["train", "val", "test"])
+    assert (root / "models/tokenizer/spm.model").exists()
+    assert "tokens" in json.loads((root / "metrics/tokenizer.json").read_text())["train"]
+    assert ran(dvc(root, "repro", "tokenizer").stdout) == []
+    assert "up to date" in dvc(root, "status", "tokenizer").stdout
+
+    set_params(tokenizer={"vocab_size": 420})
+    assert ran(dvc(root, "repro", "tokenizer").stdout) == ["tokenizer"]
+    assert json.loads((root / "data/tokens/header.json").read_text())["vocab_size"] == 420
+
+
+def test_whole_ladder_trains_grows_promotes_and_a_rerun_does_nothing(project):
+    root, _ = project
+    out = dvc(root, "repro")
+    assert ran(out.stdout) == ["download", "tokenizer", "train@tiny", "evaluate@tiny", "promote@tiny",
+                               "train@mini", "evaluate@mini", "promote@mini"]
+    assert ran(dvc(root, "repro").stdout) == []
+    assert "up to date" in dvc(root, "status").stdout
+
+    shown = json.loads(dvc(root, "metrics", "show", "--json").stdout)
+    files = next(iter(shown.values()))["data"]
+    assert {"metrics/eval/tiny.json", "metrics/eval/mini.json"} <= set(files)
+    tiny_bpb = files["metrics/eval/tiny.json"]["data"]["test_bpb"]
+    assert 0 < tiny_bpb < files["metrics/eval/tiny.json"]["data"]["unigram_bpb"]
+
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    tiny_run = json.loads((root / "models/tiny/run.json").read_text())["run_id"]
+    mini_run = client.get_run(json.loads((root / "models/mini/run.json").read_text())["run_id"])
+    assert mini_run.data.tags["parent_run_id"] == tiny_run
+    assert mini_run.data.metrics["grown_val_loss"] == pytest.approx(mini_run.data.metrics["parent_val_loss"], abs=1e-4)
+    assert "test_bpb" in mini_run.data.metrics
+
+    promo = json.loads((root / "models/mini/promotion.json").read_text())
+    assert promo["promoted"] and promo["model_version"] == "2"
+    assert str(client.get_model_version_by_alias("mmrec", "champion").version) == "2"
+    assert str(client.get_model_version_by_alias("mmrec", "tiny").version) == "1"
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    champion = mlflow.pyfunc.load_model("models:/mmrec@champion")
+    [text] = champion.predict(["The king"], params={"max_new_tokens": 5})
+    assert isinstance(text, str) and text
+
+
+def test_a_rejected_rung_stops_repro_with_one_line_and_moves_no_alias(project):
+    root, set_params = project
+    set_params(promote={"baseline_margin": 50.0})
+    proc = dvc(root, "repro", "promote@tiny", check=False)
+    assert proc.returncode != 0
+    [line] = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert "tiny not promoted: test_bpb" in line and "missed unigram baseline" in line
+    decision = json.loads((root / "models/tiny/promotion.json").read_text())
+    assert decision["promoted"] is False
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    assert client.search_registered_models() == []
