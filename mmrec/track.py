@@ -176,3 +176,39 @@ def _version(package: str) -> str:
     from importlib.metadata import version
 
     return version(package)
+
+
+# Reading runs back, for `python -m mmrec.compare`.
+import pandas as pd  # noqa: E402  (mlflow loads it anyway)
+
+
+def local_store(uri: str) -> Path | None:
+    """The file or folder a local tracking URI points at (None for a server): MLflow creates it when it is missing."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///"))
+    if uri.startswith("file:"):
+        from urllib.parse import urlparse
+
+        return Path(urlparse(uri).path)
+    return None if "://" in uri else Path(uri)
+
+
+def experiment_names(uri: str) -> list[str]:
+    return sorted(e.name for e in MlflowClient(uri).search_experiments())
+
+
+def runs_frame(uri: str, experiment: str) -> pd.DataFrame | None:
+    """Every active run of `experiment`, one row each, as mlflow.search_runs lays it out (run_id, status, start_time,
+    params.<dotted key>, metrics.<key> at its latest step, tags.<key>); None when the store has no such experiment."""
+    exp = MlflowClient(uri).get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    mlflow.set_tracking_uri(uri)  # search_runs pages through the global store
+    return mlflow.search_runs([exp.experiment_id])
+
+
+def metric_histories(uri: str, run_ids: list[str], key: str) -> dict[str, list[tuple[int, float]]]:
+    """Run id -> (step, value) of metric `key`, in step order."""
+    c = MlflowClient(uri)
+    return {rid: [(m.step, m.value) for m in sorted(c.get_metric_history(rid, key), key=lambda m: (m.step, m.timestamp))]
+            for rid in run_ids}
