@@ -135,7 +135,8 @@ class TrainParams(Section):
     eval_windows: PositiveInt = 32  # fixed validation windows of seq_len tokens
     patience: Annotated[int, Field(ge=0)] = 0  # evaluations without improvement; 0 never stops early
     log_every: PositiveInt = 10
-    threads: Annotated[int, Field(ge=0, le=1024)] = 0  # 0: all cores
+    threads: Annotated[int, Field(ge=0, le=1024)] = 0  # 0: all cores (shared among nproc processes)
+    nproc: Annotated[int, Field(ge=1, le=1024)] = 1  # data-parallel processes on this machine (torchrun)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
     checkpoint_dir: str = "checkpoints"  # last.pt lives here, outside DVC, so a killed run resumes
@@ -185,18 +186,19 @@ class Params(Section):
     promote: PromoteParams = PromoteParams()
     mlflow: MlflowParams = MlflowParams()
 
-    @model_validator(mode="after")
-    def _ladder_chains(self) -> "Params":
-        if not self.ladder:
-            raise ValueError("ladder must list at least one rung")
+    @field_validator("ladder")
+    @classmethod
+    def _ladder_chains(cls, ladder: dict[str, RungParams]) -> dict[str, RungParams]:
+        if not ladder:
+            raise ValueError("must list at least one rung")
         seen: list[str] = []
-        for name, rung in self.ladder.items():
+        for name, rung in ladder.items():
             if not RUNG_NAME.match(name):
                 raise ValueError(f"rung name {name!r} must match {RUNG_NAME.pattern}")
             if rung.parent is not None and rung.parent not in seen:
                 raise ValueError(f"ladder.{name}.after names {rung.parent!r}, which is not a rung above it")
             seen.append(name)
-        return self
+        return ladder
 
     def rung(self, name: str) -> RungParams:
         if name not in self.ladder:

@@ -18,10 +18,10 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from mmrec import checkpoint
+from mmrec import checkpoint, distributed
 from mmrec.config import Params, TrainParams
 from mmrec.data import check_fits, fixed_starts, random_batch
 from mmrec.errors import UserError
@@ -80,11 +80,12 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed torch's global RNG (init, dropout) and return the data sampler's own generator."""
+def seed_everything(seed: int, rank: int = 0) -> torch.Generator:
+    """Seed torch's global RNG (init, dropout) and return the data sampler's own generator: one per
+    rank, so data-parallel ranks draw different windows."""
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
-    return torch.Generator().manual_seed(seed + 1)
+    return torch.Generator().manual_seed(seed + 1 + 7919 * rank)
 
 
 def val_loss(model: torch.nn.Module, val: np.ndarray, starts: list[int], tp: TrainParams, device: torch.device) -> float:
@@ -94,8 +95,12 @@ def val_loss(model: torch.nn.Module, val: np.ndarray, starts: list[int], tp: Tra
 
 def fit(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, tp: TrainParams, budget: Budget, *,
         generator: torch.Generator, ckpt_dir: Path, extra: dict[str, Any], sink: MetricSink | None = None,
-        resume: dict[str, Any] | None = None, device: torch.device = torch.device("cpu")) -> Progress:
-    """Train until the budget or early stopping; keep best.pt and last.pt in ckpt_dir."""
+        resume: dict[str, Any] | None = None, device: torch.device = torch.device("cpu"),
+        group: distributed.Group = distributed.Group()) -> Progress:
+    """Train until the budget or early stopping; rank 0 keeps best.pt and last.pt in ckpt_dir.
+
+    Under torchrun every rank samples its own windows (its generator is seeded apart) and DDP averages
+    the gradients; every rank evaluates the same fixed windows, so all agree on when to stop."""
     optimizer = torch.optim.AdamW(param_groups(model, tp.weight_decay), lr=budget.lr, betas=(tp.beta1, tp.beta2),
                                   fused=device.type == "cuda")
     progress = Progress()
@@ -104,33 +109,45 @@ def fit(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, tp: TrainPar
         optimizer.load_state_dict(resume["optimizer"])
         progress = Progress(**resume["progress"])
         torch.set_rng_state(resume["rng"]["torch"])
-        generator.set_state(resume["rng"]["data"])
-    step_fn = torch.compile(model) if tp.compile else model
+        data_states = resume["rng"]["data"]
+        if len(data_states) != group.world:
+            raise UserError(f"{ckpt_dir / 'last.pt'} was written by {len(data_states)} processes; "
+                            f"resume with train.nproc = {len(data_states)} or delete it")
+        generator.set_state(data_states[group.rank])
+    wrapped = model
+    if group.world > 1:
+        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    step_fn = torch.compile(wrapped) if tp.compile else wrapped
     starts = fixed_starts(len(val), tp.seq_len, tp.eval_windows)
-    tokens_per_step = tp.batch_size * tp.seq_len * tp.grad_accum
+    tokens_per_step = tp.batch_size * tp.seq_len * tp.grad_accum * group.world
 
     def save(name: str, with_optimizer: bool) -> None:
+        data_states = distributed.gather(generator.get_state(), group) if with_optimizer else None  # collective
+        if not group.main:
+            return
         state = {"model": model.state_dict(), "progress": progress.__dict__, **extra}
         if with_optimizer:
-            state |= {"optimizer": optimizer.state_dict(),
-                      "rng": {"torch": torch.get_rng_state(), "data": generator.get_state()}}
+            state |= {"optimizer": optimizer.state_dict(), "rng": {"torch": torch.get_rng_state(), "data": data_states}}
         checkpoint.save_atomic(state, ckpt_dir / name)
 
-    bar = tqdm(total=budget.steps, initial=progress.step, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=budget.steps, initial=progress.step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not group.main)
     train_losses: list[float] = []
     clock = time.perf_counter()
     while progress.step < budget.steps and not progress.stopped_early:
         lr = lr_at(progress.step, budget, min(tp.min_lr, budget.lr))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = lr
         model.train()
         loss_sum = 0.0
-        for _ in range(tp.grad_accum):
+        for micro in range(tp.grad_accum):
             x, y = random_batch(train, tp.batch_size, tp.seq_len, generator)
-            with autocast(device):
+            sync = micro == tp.grad_accum - 1 or group.world == 1  # DDP all-reduces on the last micro-batch only
+            with autocast(device), (contextlib.nullcontext() if sync else wrapped.no_sync()):
                 out = step_fn(x.to(device), y.to(device))
-            (out.loss / tp.grad_accum).backward()
+                (out.loss / tp.grad_accum).backward()
             loss_sum += out.loss.item() / tp.grad_accum
+        loss_sum = distributed.mean(loss_sum, group)
         if not math.isfinite(loss_sum):
             bar.close()
             raise TrainingDiverged(
@@ -164,7 +181,8 @@ def fit(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, tp: TrainPar
                 progress.bad_evals += 1
                 progress.stopped_early = 0 < tp.patience <= progress.bad_evals
             save("last.pt", with_optimizer=True)
-            bar.write(f"step {progress.step}: val loss {vl:.4f} (best {progress.best_val:.4f} @ {progress.best_step})")
+            if group.main:
+                bar.write(f"step {progress.step}: val loss {vl:.4f} (best {progress.best_val:.4f} @ {progress.best_step})")
             if sink is not None:
                 sink.log(progress.step, val_loss=vl)
                 sink.flush()
@@ -226,11 +244,9 @@ def fingerprint(params: Params, rung_name: str, header: dict[str, Any], parent_s
     return sha256_text(json.dumps(picked, sort_keys=True))
 
 
-def train_rung(params: Params, rung_name: str, root: Path = Path(".")) -> dict[str, Any]:
-    """Train one rung end to end: resume or start, grow from the parent, track, write the DVC outputs."""
-    from mmrec import track  # the only mlflow importer; loaded here so the loop itself stays light to import
-    from mmrec.growth import grow_state_dict
-    from mmrec.plots import loss_curves
+def train_rung(params: Params, rung_name: str, root: Path = Path(".")) -> dict[str, Any] | None:
+    """Train one rung end to end: resume or start, grow from the parent, track, write the DVC outputs.
+    Returns the metrics on rank 0 (None on the other ranks of a torchrun job)."""
     from mmrec.tokenizer import load_tokens, read_header
 
     tp, rung = params.train, params.rung(rung_name)
@@ -239,62 +255,107 @@ def train_rung(params: Params, rung_name: str, root: Path = Path(".")) -> dict[s
     train_tokens, val_tokens = load_tokens(paths.tokens, "train"), load_tokens(paths.tokens, "val")
     check_fits(train_tokens, tp.seq_len, "train")
     check_fits(val_tokens, tp.seq_len, "val")
-    torch.set_num_threads(tp.threads or torch.get_num_threads())
     device = resolve_device(tp.device)
+    group = distributed.init(device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", group.local_rank)
+        torch.cuda.set_device(device)
+    torch.set_num_threads(max(1, (tp.threads or torch.get_num_threads()) // group.world))
     cfg = ModelConfig.from_params(params.model, rung, header["vocab_size"])
     budget = budget_for(params, rung_name)
 
     parent_best = paths.model(rung.parent) / "best.pt" if rung.parent else None
     if parent_best is not None and not parent_best.exists():
-        raise UserError(f"rung {rung_name} grows from {rung.parent}, but {parent_best} is missing; run `dvc repro promote@{rung.parent}`")
-    parent_sha = sha256_file(parent_best) if parent_best else ""
-    fp = fingerprint(params, rung_name, header, parent_sha)
-    resume = None
-    if (paths.ckpt / "last.pt").exists():
-        last = checkpoint.load(paths.ckpt / "last.pt")
-        if last.get("fingerprint") == fp:
-            resume = last
-        else:
-            shutil.rmtree(paths.ckpt)  # params or data changed: that run's state means nothing now
+        raise UserError(f"rung {rung_name} grows from {rung.parent}, but {parent_best} is missing; "
+                        f"run `dvc repro promote@{rung.parent}`")
+    fp = fingerprint(params, rung_name, header, sha256_file(parent_best) if parent_best else "")
+    resume = resume_point(paths.ckpt, fp, group)
 
-    generator = seed_everything(params.seed)
+    generator = seed_everything(params.seed, group.rank)
     model = build_model(cfg).to(device)
-    n_params = count_params(model)
-    if resume is not None:
-        run = track.Run.resume(params.mlflow, resume["run_id"])
-        tqdm.write(f"resuming {rung_name} from step {resume['progress']['step']} ({paths.ckpt / 'last.pt'})")
-    else:
-        tags = {"rung": rung_name, "params_hash": params.digest(), "fingerprint": fp, "arch": cfg.arch,
-                "tokenizer_sha256": header["tokenizer_sha256"], "data_sha256": header.get("data_sha256", ""),
-                "dvc_stage": f"train@{rung_name}"}
-        if rung.parent:
-            tags |= parent_tags(paths, rung.parent)
-        run = track.Run.start(params.mlflow, rung_name, tags)
-        run.log_params(params.flat() | {"n_params": n_params, "budget.steps": budget.steps, "budget.lr": budget.lr})
-        if parent_best is not None:
-            parent = checkpoint.load(parent_best)
-            parent_model = build_model(ModelConfig(**parent["config"])).to(device)
-            parent_model.load_state_dict(parent["model"])
-            grown = grow_state_dict(parent["model"], ModelConfig(**parent["config"]), cfg,
-                                    noise=params.promote.growth_noise, generator=torch.Generator().manual_seed(params.seed))
-            model.load_state_dict(grown)
-            starts = fixed_starts(len(val_tokens), tp.seq_len, tp.eval_windows)
-            run.log(0, parent_val_loss=val_loss(parent_model, val_tokens, starts, tp, device),
-                    grown_val_loss=val_loss(model, val_tokens, starts, tp, device))
-            run.flush()
-            del parent_model
+    parent_losses: dict[str, float] = {}
+    if parent_best is not None and resume is None:
+        parent_losses = grow_into(model, parent_best, params, val_tokens, device)
 
-    extra = {"config": cfg.to_dict(), "fingerprint": fp, "run_id": run.id,
+    run = None
+    if group.main:
+        run = open_run(params, paths, cfg, header, fp, resume, budget, count_params(model), parent_losses)
+    extra = {"config": cfg.to_dict(), "fingerprint": fp, "run_id": run.id if run else "",
              "tokenizer_sha256": header["tokenizer_sha256"], "rung": rung_name}
     try:
         progress = fit(model, train_tokens, val_tokens, tp, budget, generator=generator, ckpt_dir=paths.ckpt,
-                       extra=extra, sink=run, resume=resume, device=device)
-    except TrainingDiverged:
-        run.end("FAILED")
+                       extra=extra, sink=run, resume=resume, device=device, group=group)
+    except (TrainingDiverged, KeyboardInterrupt) as err:
+        if run is not None:
+            run.end("FAILED" if isinstance(err, TrainingDiverged) else "KILLED")
         raise
-    except KeyboardInterrupt:
-        run.end("KILLED")
-        raise
+    finally:
+        distributed.shutdown(group)
+    if run is None:
+        return None
+    metrics = write_outputs(paths, run, progress, cfg, count_params(model), params)
+    shutil.rmtree(paths.ckpt)  # finished: a forced rerun starts from scratch rather than resuming the end
+    return metrics
+
+
+def resume_point(ckpt_dir: Path, fp: str, group: distributed.Group) -> dict[str, Any] | None:
+    """last.pt when it was made with these very params, data and parent; a stale one is deleted."""
+    last = ckpt_dir / "last.pt"
+    state = checkpoint.load(last) if last.exists() else None
+    distributed.barrier(group)  # every rank has read it before rank 0 may delete it
+    if state is not None and state.get("fingerprint") == fp:
+        if group.main:
+            tqdm.write(f"resuming from step {state['progress']['step']} ({last})")
+        return state
+    if state is not None and group.main:
+        shutil.rmtree(ckpt_dir)  # params or data changed: that run's state means nothing now
+    return None
+
+
+def grow_into(model: torch.nn.Module, parent_best: Path, params: Params, val: np.ndarray,
+              device: torch.device) -> dict[str, float]:
+    """Load the parent's best weights grown to `model`'s shape; return both step-0 val losses."""
+    from mmrec.growth import grow_state_dict
+
+    parent = checkpoint.load(parent_best)
+    parent_cfg = ModelConfig.from_dict(parent["config"])
+    grown = grow_state_dict(parent["model"], parent_cfg, model.cfg, noise=params.promote.growth_noise,
+                            generator=torch.Generator().manual_seed(params.seed))
+    model.load_state_dict(grown)
+    parent_model = build_model(parent_cfg).to(device)
+    parent_model.load_state_dict(parent["model"])
+    starts = fixed_starts(len(val), params.train.seq_len, params.train.eval_windows)
+    return {"parent_val_loss": val_loss(parent_model, val, starts, params.train, device),
+            "grown_val_loss": val_loss(model, val, starts, params.train, device)}
+
+
+def open_run(params: Params, paths: RungPaths, cfg: ModelConfig, header: dict[str, Any], fp: str,
+             resume: dict[str, Any] | None, budget: Budget, n_params: int, parent_losses: dict[str, float]):
+    """The rung's MLflow run: the one a resumed checkpoint names, or a new one with params and tags."""
+    from mmrec import track  # the only mlflow importer; loaded here so the loop itself stays light to import
+
+    if resume is not None:
+        return track.Run.resume(params.mlflow, resume["run_id"])
+    rung_name = paths.rung
+    rung = params.rung(rung_name)
+    tags = {"rung": rung_name, "params_hash": params.digest(), "fingerprint": fp, "arch": cfg.arch,
+            "tokenizer_sha256": header["tokenizer_sha256"], "data_sha256": header.get("data_sha256", ""),
+            "dvc_stage": f"train@{rung_name}"}
+    if rung.parent:
+        tags |= parent_tags(paths, rung.parent)
+    run = track.Run.start(params.mlflow, rung_name, tags)
+    run.log_params(params.flat() | {"n_params": n_params, "budget.steps": budget.steps, "budget.lr": budget.lr})
+    if parent_losses:
+        run.log(0, **parent_losses)
+        run.flush()
+    return run
+
+
+def write_outputs(paths: RungPaths, run: Any, progress: Progress, cfg: ModelConfig, n_params: int,
+                  params: Params) -> dict[str, Any]:
+    """The rung's DVC outputs (best.pt, run.json, metrics, curve) and its MLflow artifacts; ends the run."""
+    from mmrec import track
+    from mmrec.plots import loss_curves
 
     out = paths.model()
     out.mkdir(parents=True, exist_ok=True)
@@ -309,15 +370,14 @@ def train_rung(params: Params, rung_name: str, root: Path = Path(".")) -> dict[s
     speed = run_speed(run)
     write_json(paths.speed, speed)
     write_curve(paths.curve, progress.history)
-    png = paths.ckpt / f"{rung_name}_curves.png"
-    loss_curves(progress.history, png, title=f"{rung_name} ({cfg.arch}, {n_params / 1e6:.2f}M params)")
+    png = paths.ckpt / f"{paths.rung}_curves.png"
+    loss_curves(progress.history, png, title=f"{paths.rung} ({cfg.arch}, {n_params / 1e6:.2f}M params)")
     run.log(progress.step, best_val_loss=progress.best_val, best_step=progress.best_step,
             median_tokens_per_s=speed["tokens_per_s"])
     run.log_artifact(png, "plots")
     run.log_artifact(paths.tokenizer, "tokenizer")
     run.log_artifact(out / "best.pt", "checkpoint")
     run.end()
-    shutil.rmtree(paths.ckpt)  # finished: a forced rerun starts from scratch rather than resuming the end
     return metrics
 
 

@@ -1,7 +1,9 @@
 """DVC stage train@<rung>: train one rung of the ladder (grown from its parent when it has one).
 
     python stages/train.py tiny
+    torchrun --nproc_per_node 2 stages/train.py tiny     # data-parallel (train.nproc > 1 does this for you)
 """
+import os
 import sys
 from pathlib import Path
 
@@ -14,11 +16,15 @@ from mmrec.errors import exits_cleanly  # noqa: E402
 @exits_cleanly
 def main(argv: list[str]) -> None:
     params, rung = load_rung_params(argv, "train")
+    if params.train.nproc > 1 and "LOCAL_RANK" not in os.environ:  # relaunch under torch's own launcher
+        os.execvp(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                   f"--nproc_per_node={params.train.nproc}", __file__, rung])
     from mmrec.train import train_rung
 
     metrics = train_rung(params, rung)
-    print(f"{rung}: best val loss {metrics['best_val_loss']:.4f} at step {metrics['best_step']} "
-          f"({metrics['n_params'] / 1e6:.2f}M params)")
+    if metrics is not None:  # rank 0
+        print(f"{rung}: best val loss {metrics['best_val_loss']:.4f} at step {metrics['best_step']} "
+              f"({metrics['n_params'] / 1e6:.2f}M params)")
 
 
 if __name__ == "__main__":
