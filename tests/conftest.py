@@ -82,6 +82,8 @@ def project(tmp_path: Path, corpus_txt: Path):
         params = yaml.safe_load((REPO / "params.yaml").read_text())
         params = deep_merge(params, TINY_PARAMS)
         params["data"] |= {"source": str(corpus_txt), "val_fraction": 0.1, "test_fraction": 0.1}
+        if "ladder" in sections:  # a ladder is replaced whole, never merged rung by rung
+            params["ladder"] = sections.pop("ladder")
         params = deep_merge(params, sections)
         (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 

@@ -1,0 +1,75 @@
+"""Reruns that reproduce and queued experiments that land in one MLflow store: the real dvc CLI."""
+import json
+import time
+
+from mlflow import MlflowClient
+
+from mmrec.compare import main as compare
+from tests.conftest import run
+
+ONE_RUNG = {"ladder": {"tiny": {"width": 32, "layers": 1, "memories": 2, "after": "data/tokens"}}}
+
+
+def dvc(root, *args):
+    return run(["dvc", *args], root)
+
+
+def commit(root, message):
+    run(["git", "add", "-A"], root)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", message], root)
+
+
+def reproducible_metrics(root):
+    """Every metrics file but the wall-clock ones, byte for byte."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted((root / "metrics").rglob("*"))
+            if p.is_file() and "speed" not in p.parts}
+
+
+def test_forced_reruns_give_bit_identical_metrics(project):
+    root, set_params = project
+    set_params(**ONE_RUNG)
+    dvc(root, "repro")
+    first = reproducible_metrics(root)
+    assert {"metrics/train/tiny.json", "metrics/eval/tiny.json", "metrics/tokenizer.json"} <= set(first)
+    dvc(root, "repro", "-f")
+    assert reproducible_metrics(root) == first
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("mmrec").experiment_id])
+    assert len(runs) == 2 and len({r.data.tags["params_hash"] for r in runs}) == 1
+
+
+def test_queued_experiments_run_two_at_a_time_into_the_main_store(project, capsys):
+    root, set_params = project
+    set_params(**ONE_RUNG)
+    dvc(root, "repro", "tokenizer")
+    commit(root, "baseline")
+    dvc(root, "exp", "run", "--queue", "-S", "train.lr=0.005", "-n", "lr-low")
+    dvc(root, "exp", "run", "--queue", "-S", "train.lr=0.02", "-n", "lr-high")
+    dvc(root, "queue", "start", "-j", "2")
+    deadline = time.time() + 400
+    while time.time() < deadline:
+        status = dvc(root, "queue", "status").stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(2)
+    assert status.count("Success") == 2, status + dvc(root, "queue", "logs", "lr-low").stdout
+
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("mmrec").experiment_id])
+    by_exp = {r.data.tags.get("dvc_exp_name"): r for r in runs}
+    assert set(by_exp) == {"lr-low", "lr-high"}
+    for name, lr in [("lr-low", "0.005"), ("lr-high", "0.02")]:
+        r = by_exp[name]
+        assert r.info.status == "FINISHED" and r.data.params["train.lr"] == lr
+        assert len(client.get_metric_history(r.info.run_id, "train_loss")) == 40
+        assert "test_bpb" in r.data.metrics and r.data.tags["promote.decision"] == "promoted"
+        assert r.data.tags["dvc_exp_baseline_rev"]
+
+    shown = json.loads(dvc(root, "exp", "show", "--json").stdout)
+    exps = [e for rev in shown for e in (rev.get("experiments") or [])]
+    assert {e["name"] for e in exps} == {"lr-low", "lr-high"}
+
+    capsys.readouterr()
+    assert compare(["--tracking-uri", f"sqlite:///{root}/mlflow.db", "--experiment", "mmrec"]) == 0
+    table = capsys.readouterr().out
+    assert "lr-low" in table and "lr-high" in table and "train.lr" in table
