@@ -77,14 +77,16 @@ def unigram_nll(train_tokens: np.ndarray, test_tokens: np.ndarray, vocab_size: i
 def generate(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int = 0, greedy: bool = False, generator: torch.Generator | None = None,
              eos_id: int | None = None) -> list[int]:
-    """Continue `prompt_ids` by sampling (or argmax with greedy=True); stops early at eos_id."""
+    """Continue `prompt_ids` by sampling (argmax with greedy=True); stops early at eos_id.
+    MM-Rec carries its recurrent state, so each new token costs one step; GPT rereads the context."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids or [eos_id or 0]], dtype=torch.long, device=device)
+    out = model(ids)
     new: list[int] = []
     for _ in range(max_new_tokens):
-        logits = model(ids).logits[0, -1].float()
+        logits = out.logits[0, -1].float()
         if greedy:
             nxt = int(logits.argmax())
         else:
@@ -97,6 +99,7 @@ def generate(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int,
             break
         new.append(nxt)
         ids = torch.cat([ids, torch.tensor([[nxt]], device=device)], dim=1)
+        out = model(ids[:, -1:], state=out.state) if out.state is not None else model(ids)
     model.train(was_training)
     return new
 
@@ -107,7 +110,7 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
     from mmrec.model import ModelConfig, build_model
 
     ckpt = checkpoint.load(path)
-    model = build_model(ModelConfig(**ckpt["config"]))
+    model = build_model(ModelConfig.from_dict(ckpt["config"]))
     model.load_state_dict(ckpt["model"])
     return model.eval(), ckpt
 

@@ -228,22 +228,6 @@ class LanguageModel(nn.Module):
         loss = ce if aux is None else ce + self.cfg.uboo_weight * aux
         return ModelOutput(logits, loss, ce, aux, out_state)
 
-    @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sample continuations of idx [B, T]. MMRec carries its state, one token per step; GPT rereads the context."""
-        out = self(idx)
-        for step in range(max_new_tokens):
-            if step:
-                out = self(idx[:, -1:], state=out.state) if out.state is not None else self(idx)
-            logits = out.logits[:, -1].float() / temperature
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, -math.inf)
-            nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
-            idx = torch.cat([idx, nxt], dim=1)
-        return idx
-
 
 def build_model(cfg: ModelConfig) -> LanguageModel:
     return LanguageModel(cfg)

@@ -24,6 +24,9 @@ from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mmrec.config import MlflowParams  # noqa: E402
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
+# The user's choice, read once: mlflow.set_tracking_uri() writes this variable itself, so reading it
+# later would return whatever store this process touched last.
+USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 
 
 def repo_root() -> Path:
@@ -33,7 +36,7 @@ def repo_root() -> Path:
 
 def tracking_uri(params: MlflowParams) -> str:
     """MLFLOW_TRACKING_URI wins; a relative sqlite path or directory resolves against the main repository."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or params.tracking_uri
+    uri = USER_TRACKING_URI or params.tracking_uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return f"sqlite:///{repo_root() / uri.removeprefix('sqlite:///')}"
     if "://" not in uri:

@@ -139,7 +139,7 @@ def fit(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, tp: TrainPar
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr
         model.train()
-        loss_sum = 0.0
+        loss_sum, aux_sum = 0.0, 0.0  # aux: UBOO's loss, logged apart from the cross-entropy
         for micro in range(tp.grad_accum):
             x, y = random_batch(train, tp.batch_size, tp.seq_len, generator)
             sync = micro == tp.grad_accum - 1 or group.world == 1  # DDP all-reduces on the last micro-batch only
@@ -147,7 +147,9 @@ def fit(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, tp: TrainPar
                 out = step_fn(x.to(device), y.to(device))
                 (out.loss / tp.grad_accum).backward()
             loss_sum += out.loss.item() / tp.grad_accum
+            aux_sum += out.aux.item() / tp.grad_accum if out.aux is not None else 0.0
         loss_sum = distributed.mean(loss_sum, group)
+        aux_sum = distributed.mean(aux_sum, group) if out.aux is not None else None
         if not math.isfinite(loss_sum):
             bar.close()
             raise TrainingDiverged(
@@ -167,6 +169,8 @@ def fit(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, tp: TrainPar
         bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}", refresh=False)
         if sink is not None:
             sink.log(progress.step, train_loss=loss_sum, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tok_s)
+            if aux_sum is not None:
+                sink.log(progress.step, train_uboo=aux_sum, train_ce=loss_sum - model.cfg.uboo_weight * aux_sum)
             if progress.step % tp.log_every == 0:
                 sink.flush()
         if progress.step % tp.eval_every == 0 or progress.step == budget.steps:

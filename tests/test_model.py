@@ -142,13 +142,3 @@ def test_carried_state_matches_one_long_forward():
     first = model(idx[:, :13])
     second = model(idx[:, 13:], state=first.state)
     torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), whole, rtol=0, atol=1e-10)
-
-
-@pytest.mark.parametrize("arch", ["mmrec", "gpt"])
-def test_generate_extends_the_prompt(arch):
-    torch.manual_seed(0)
-    model = build_model(config(arch=arch)).eval()
-    prompt = torch.randint(0, 64, (2, 5))
-    out = model.generate(prompt, 7, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(1))
-    again = model.generate(prompt, 7, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(1))
-    assert out.shape == (2, 12) and torch.equal(out[:, :5], prompt) and torch.equal(out, again)

@@ -113,3 +113,15 @@ def test_train_rung_logs_params_metrics_and_artifacts_to_mlflow(workdir):
     best = checkpoint.load(workdir / "models/tiny/best.pt")
     assert best["progress"]["best_step"] == saved["best_step"]
     assert not (workdir / "checkpoints" / "tiny").exists()  # finished runs leave nothing to resume
+
+
+def test_uboo_loss_is_logged_apart_from_the_cross_entropy(workdir):
+    params = tiny_params(workdir, model={"uboo_weight": 0.1})
+    train_rung(params, "tiny", workdir)
+    run_id = json.loads((workdir / "models/tiny/run.json").read_text())["run_id"]
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    loss, ce, aux = (client.get_metric_history(run_id, k) for k in ["train_loss", "train_ce", "train_uboo"])
+    assert len(aux) == len(ce) == params.train.max_steps
+    last = {m.key: m.value for m in (loss[-1], ce[-1], aux[-1])}
+    assert last["train_loss"] == pytest.approx(last["train_ce"] + 0.1 * last["train_uboo"])
+    assert last["train_uboo"] > 0

@@ -1,0 +1,74 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmrec.evaluate import bits_per_byte, generate, perplexity, score, text_bytes, unigram_nll
+from mmrec.model import ModelConfig, build_model
+from mmrec.tokenizer import load_tokenizer, load_tokens, read_header
+
+
+def small_model(arch: str = "mmrec"):
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch=arch, vocab_size=50, width=16, layers=2, memories=2, ffn="swiglu", ffn_mult=2.0,
+                      dpg_rank=4, chunk_size=8, min_floor=0.5, max_floor=0.99, uboo_weight=0.0, head_dim=8,
+                      norm_eps=1e-6, dropout=0.0)
+    return build_model(cfg).eval()
+
+
+def test_bits_per_byte_by_hand():
+    # 8 bits of surprise spread over 4 bytes is 2 bits per byte, whatever the token count
+    assert bits_per_byte(8 * math.log(2), 4) == pytest.approx(2.0)
+    assert perplexity(math.log(7)) == pytest.approx(7.0)
+
+
+def test_unigram_nll_by_hand():
+    train = np.array([0, 0, 1], dtype=np.uint16)  # add-one counts [3, 2] -> p = [0.6, 0.4]
+    test = np.array([1, 1, 0], dtype=np.uint16)  # targets are test[1:] = [1, 0]
+    assert unigram_nll(train, test, 2) == pytest.approx(-(math.log(0.4) + math.log(0.6)))
+
+
+def test_score_weights_every_token_not_every_batch():
+    model = small_model()
+    tokens = np.random.default_rng(0).integers(0, 50, 200).astype(np.uint16)
+    windows = [(0, 30), (30, 30), (60, 5)]  # one batch of two windows, one of a short window
+    s = score(model, tokens, windows, batch_size=2, device=torch.device("cpu"))
+    nll = []
+    for start, n in windows:
+        x = torch.from_numpy(tokens[start:start + n].astype(np.int64))[None]
+        y = torch.from_numpy(tokens[start + 1:start + n + 1].astype(np.int64))
+        nll.append(F.cross_entropy(model(x).logits[0], y, reduction="none"))
+    every = torch.cat(nll)
+    assert s.tokens == 65 and s.loss == pytest.approx(every.mean().item(), rel=1e-5)
+    means = [t.mean().item() for t in [torch.cat(nll[:2]), nll[2]]]
+    assert abs(s.loss - sum(means) / 2) > 1e-3  # a mean of batch means would be another number
+
+
+def test_text_bytes_counts_the_utf8_bytes_the_tokens_encode(tokenized):
+    sp = load_tokenizer(tokenized / "models/tokenizer")
+    header = read_header(tokenized / "data/tokens")
+    test = load_tokens(tokenized / "data/tokens", "test")
+    assert text_bytes(sp, test, sp.eos_id()) == header["splits"]["test"]["bytes"]
+
+
+@pytest.mark.parametrize("arch", ["mmrec", "gpt"])
+def test_greedy_generation_with_carried_state_matches_rereading_the_context(arch):
+    model = small_model(arch)
+    prompt = [3, 14, 15, 9]
+    out = generate(model, prompt, 12, greedy=True)
+    ids = list(prompt)
+    for _ in range(12):
+        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert out == ids[len(prompt):]
+
+
+def test_sampling_is_seeded_and_stops_at_eos():
+    model = small_model()
+    a = generate(model, [1, 2], 20, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(3))
+    b = generate(model, [1, 2], 20, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(3))
+    assert a == b and len(a) == 20
+    first = a[0]
+    assert generate(model, [1, 2], 20, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(3),
+                    eos_id=first) == []
