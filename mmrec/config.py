@@ -180,7 +180,7 @@ class Params(Section):
     train: TrainParams = TrainParams()
     ladder: dict[str, RungParams] = {
         "tiny": RungParams(width=128, layers=4),
-        "mini": RungParams(width=256, layers=6, after="models/tiny/promotion.json"),
+        "mini": RungParams(width=256, layers=6, after="models/tiny/promotion.json", max_steps=300),
     }
     evaluate: EvaluateParams = EvaluateParams()
     promote: PromoteParams = PromoteParams()

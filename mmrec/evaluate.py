@@ -137,33 +137,44 @@ def samples(model: torch.nn.Module, sp, prompts: list[str], max_new_tokens: int,
     return "\n".join(out)
 
 
-def evaluate_rung(params, rung: str, root: Path = Path(".")) -> dict[str, float]:
-    """Test-split metrics of a rung's best checkpoint: DVC metrics JSON, samples, and the rung's MLflow run."""
-    from mmrec import track
-    from mmrec.files import write_json
+def test_metrics(model: torch.nn.Module, params, root: Path = Path("."),
+                 device: torch.device = torch.device("cpu")) -> dict[str, float]:
+    """Every test token scored once: loss, perplexity, bits per byte, top-1/top-5, and the unigram baseline."""
     from mmrec.tokenizer import load_tokenizer, load_tokens, read_header
 
-    tokens_dir, model_dir = root / "data" / "tokens", root / "models" / rung
+    tokens_dir = root / "data" / "tokens"
     header = read_header(tokens_dir)
-    model, ckpt = load_model(model_dir / "best.pt")
-    if ckpt.get("tokenizer_sha256") != header["tokenizer_sha256"]:
-        raise UserError(f"{model_dir / 'best.pt'} was trained with another tokenizer; rerun `dvc repro train@{rung}`")
     sp = load_tokenizer(root / "models" / "tokenizer")
     test = load_tokens(tokens_dir, "test")
     if params.evaluate.max_tokens:
         test = test[:params.evaluate.max_tokens]
-    torch.set_num_threads(params.train.threads or torch.get_num_threads())
-    s = score(model, test, tiling_starts(len(test), params.train.seq_len), params.evaluate.batch_size,
-              torch.device("cpu"))
+    s = score(model, test, tiling_starts(len(test), params.train.seq_len), params.evaluate.batch_size, device)
     n_bytes = text_bytes(sp, test[1:], sp.eos_id())
     uni = unigram_nll(load_tokens(tokens_dir, "train"), test, header["vocab_size"])
-    metrics = {"test_loss": s.loss, "test_ppl": perplexity(s.loss), "test_bpb": bits_per_byte(s.nll_sum, n_bytes),
-               "test_top1": s.top1 / s.tokens, "test_top5": s.top5 / s.tokens, "test_tokens": s.tokens,
-               "test_bytes": n_bytes, "unigram_loss": uni / s.tokens, "unigram_bpb": bits_per_byte(uni, n_bytes)}
-    text = samples(model, sp, params.evaluate.prompts, params.evaluate.sample_tokens, params.evaluate.temperature,
-                   params.evaluate.top_k, params.seed)
+    return {"test_loss": s.loss, "test_ppl": perplexity(s.loss), "test_bpb": bits_per_byte(s.nll_sum, n_bytes),
+            "test_top1": s.top1 / s.tokens, "test_top5": s.top5 / s.tokens, "test_tokens": s.tokens,
+            "test_bytes": n_bytes, "unigram_loss": uni / s.tokens, "unigram_bpb": bits_per_byte(uni, n_bytes)}
+
+
+def evaluate_rung(params, rung: str, root: Path = Path(".")) -> dict[str, float]:
+    """Test-split metrics of a rung's best checkpoint: DVC metrics JSON, samples, and the rung's MLflow run."""
+    from mmrec import track
+    from mmrec.files import atomic_path, write_json
+    from mmrec.tokenizer import load_tokenizer, read_header
+    from mmrec.train import resolve_device
+
+    model_dir = root / "models" / rung
+    model, ckpt = load_model(model_dir / "best.pt")
+    if ckpt.get("tokenizer_sha256") != read_header(root / "data" / "tokens")["tokenizer_sha256"]:
+        raise UserError(f"{model_dir / 'best.pt'} was trained with another tokenizer; rerun `dvc repro train@{rung}`")
+    torch.set_num_threads(params.train.threads or torch.get_num_threads())
+    device = resolve_device(params.train.device)
+    metrics = test_metrics(model.to(device), params, root, device)
+    e = params.evaluate
+    text = samples(model, load_tokenizer(root / "models" / "tokenizer"), e.prompts, e.sample_tokens, e.temperature,
+                   e.top_k, params.seed)
     write_json(root / "metrics" / "eval" / f"{rung}.json", metrics)
-    tmp = model_dir / ".samples.txt.tmp"
+    tmp = atomic_path(model_dir / "samples.txt")
     tmp.write_text(text)
     tmp.replace(model_dir / "samples.txt")
 

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # telemetry stays off unless the user turns it on
 os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stage logs stay readable
 logging.getLogger("alembic").setLevel(logging.WARNING)  # schema migrations on a fresh store are noise
 
 import mlflow  # noqa: E402
