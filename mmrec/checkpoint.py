@@ -1,24 +1,19 @@
 """Checkpoint files: written atomically, read with weights_only=True, holding only plain types."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mmrec.errors import UserError
-from mmrec.files import atomic_path
+from mmrec.files import replacing
 
 
 def save_atomic(obj: dict[str, Any], path: str | Path) -> None:
     """torch.save to a temp file beside `path`, then rename: a kill mid-write never leaves a torn file."""
-    tmp = atomic_path(path)
-    try:
+    with replacing(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load(path: str | Path) -> dict[str, Any]:

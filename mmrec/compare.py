@@ -9,7 +9,6 @@ Params equal across the selected runs are hidden, so a sweep shows exactly the k
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pandas as pd
 
 from mmrec.config import PARAMS_FILE, MlflowParams, load_params
 from mmrec.errors import UserError, exits_cleanly
-from mmrec.files import atomic_path
+from mmrec.files import replacing
 
 STATUSES = ["FINISHED", "RUNNING", "FAILED", "KILLED", "SCHEDULED"]
 # column -> where mlflow.search_runs puts it; tokens_per_s is the run's median, logged once at the end
@@ -106,25 +105,15 @@ def curve_label(row: pd.Series) -> str:
 
 
 def write_csv(table: pd.DataFrame, path: Path) -> None:
-    tmp = atomic_path(path)
-    try:
+    with replacing(path) as tmp:
         table.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_plot(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
     from mmrec.plots import overlay
 
-    tmp = atomic_path(path)
-    image = tmp.with_name(tmp.name + path.suffix)  # matplotlib picks the format from the suffix
-    try:
+    with replacing(path) as image:  # keeps the suffix: matplotlib picks the format from it
         overlay(curves, image, ylabel="val loss (nats / token)")
-        os.replace(image, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-        image.unlink(missing_ok=True)
 
 
 def store_settings(args: argparse.Namespace) -> tuple[str, str]:

@@ -20,8 +20,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 import time
 import unicodedata
 import zlib
@@ -35,7 +33,7 @@ from tqdm import tqdm
 
 from mmrec.config import DataParams
 from mmrec.errors import UserError
-from mmrec.files import sha256_file, write_json
+from mmrec.files import replacing_dir, sha256_file, write_json
 
 RAW_DIR = Path("data/raw")
 PREPARED_DIR = Path("data/prepared")
@@ -419,32 +417,16 @@ def build_corpus(data: DataParams, root: Path = Path("."), progress: bool = Fals
     # No clock or absolute path in these manifests: they are DVC outputs and must rebuild identically.
     write_json(raw_dir / "manifest.json", {"source": data.source, "sha256": digest, "bytes": raw_bytes})
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{prepared.name}.tmp-", dir=prepared.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the published directory should not be
-    try:
+    with replacing_dir(prepared) as tmp:
         documents = itertools.chain.from_iterable(read_documents(f, data.text_field, data.group_by) for f in files)
         stats = write_splits(documents, tmp, data)
         _check_splits(stats, data)
         manifest = {"source": data.source, "source_sha256": digest, "raw_bytes": raw_bytes, "files": len(files)}
         manifest |= stats
         write_json(tmp / "manifest.json", manifest)
-        _replace_dir(tmp, prepared)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
     seconds = round(time.perf_counter() - start, 3)
     metrics = {**stats["splits"], "duplicates": stats["duplicates_dropped"], "short": stats["short_dropped"]}
     write_json(root / METRICS_FILE, metrics)
     write_json(root / SPEED_FILE, {"seconds": seconds})
     return {**manifest, "seconds": seconds}
-
-
-def _replace_dir(new: Path, dest: Path) -> None:
-    """Put directory `new` at `dest`; the old one is moved aside first, since rename cannot replace
-    a non-empty directory."""
-    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-    if dest.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dest, old)
-    os.replace(new, dest)
-    shutil.rmtree(old, ignore_errors=True)

@@ -159,7 +159,7 @@ def test_metrics(model: torch.nn.Module, params, root: Path = Path("."),
 def evaluate_rung(params, rung: str, root: Path = Path(".")) -> dict[str, float]:
     """Test-split metrics of a rung's best checkpoint: DVC metrics JSON, samples, and the rung's MLflow run."""
     from mmrec import track
-    from mmrec.files import atomic_path, write_json
+    from mmrec.files import write_json, write_text
     from mmrec.tokenizer import load_tokenizer, read_header
     from mmrec.train import resolve_device
 
@@ -174,9 +174,7 @@ def evaluate_rung(params, rung: str, root: Path = Path(".")) -> dict[str, float]
     text = samples(model, load_tokenizer(root / "models" / "tokenizer"), e.prompts, e.sample_tokens, e.temperature,
                    e.top_k, params.seed)
     write_json(root / "metrics" / "eval" / f"{rung}.json", metrics)
-    tmp = atomic_path(model_dir / "samples.txt")
-    tmp.write_text(text)
-    tmp.replace(model_dir / "samples.txt")
+    write_text(model_dir / "samples.txt", text)
 
     run = track.Run.resume(params.mlflow, read_run_id(model_dir))
     run.log(ckpt["progress"]["step"], **metrics)

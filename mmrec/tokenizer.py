@@ -10,12 +10,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import random
 import re
-import shutil
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -23,7 +20,7 @@ import numpy as np
 import sentencepiece as spm
 from mmrec.config import TokenizerParams
 from mmrec.errors import UserError
-from mmrec.files import atomic_path, sha256_file, write_json
+from mmrec.files import replacing, replacing_dir, sha256_file, write_json, write_text
 
 SPLITS = ("train", "val", "test")
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -33,31 +30,7 @@ BATCH_CHARS = 1 << 22  # text encoded per batch: bounds memory whatever the corp
 HEADER = "header.json"
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    tmp = atomic_path(path)
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-@contextmanager
-def staged_dir(final: Path) -> Iterator[Path]:
-    """An empty dir beside `final` to build in; on success it takes `final`'s place, on error it goes."""
-    tmp, old = final.with_name(f".{final.name}.tmp"), final.with_name(f".{final.name}.old")
-    for leftover in (tmp, old):  # from a run that was killed
-        shutil.rmtree(leftover, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+staged_dir = replacing_dir  # the tokenizer stage builds both output dirs this way
 
 
 def read_docs(path: Path) -> Iterator[str]:
@@ -135,10 +108,11 @@ def train_tokenizer(train_txt: Path, out_dir: Path, params: TokenizerParams, see
     except RuntimeError as err:
         raise (_user_error(err) or err) from None
     model_path = out_dir / "spm.model"
-    _write_bytes(model_path, model.getvalue())
+    with replacing(model_path) as tmp:
+        tmp.write_bytes(model.getvalue())
     sp = load_tokenizer(model_path)
     vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
-    _write_bytes(out_dir / "spm.vocab", vocab.encode())  # the same text spm_train writes
+    write_text(out_dir / "spm.vocab", vocab)  # the same text spm_train writes
     return model_path
 
 
@@ -168,24 +142,19 @@ def _encode_split(sp: spm.SentencePieceProcessor, txt: Path, out: Path, num_thre
     is_byte = np.array([sp.is_byte(i) for i in range(sp.get_piece_size())])
     eos = np.array([EOS_ID], dtype=np.int32)
     docs_n = chars = text_bytes = tokens = unk = byte_pieces = 0
-    tmp = atomic_path(out)
-    try:
-        with open(tmp, "wb") as f:
-            for docs in _batches(txt):
-                ids = sp.encode(docs, return_type="numpy", num_threads=num_threads)
-                flat = np.concatenate([a for doc_ids in ids for a in (doc_ids, eos)])
-                chunk = flat.astype(TOKEN_DTYPE).tobytes()
-                f.write(chunk)
-                digest.update(chunk)
-                docs_n += len(docs)
-                chars += sum(map(len, docs))
-                text_bytes += sum(len(d.encode()) for d in docs)
-                tokens += len(flat)
-                unk += int((flat == UNK_ID).sum())
-                byte_pieces += int(is_byte[flat].sum())
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with replacing(out) as tmp, open(tmp, "wb") as f:
+        for docs in _batches(txt):
+            ids = sp.encode(docs, return_type="numpy", num_threads=num_threads)
+            flat = np.concatenate([a for doc_ids in ids for a in (doc_ids, eos)])
+            chunk = flat.astype(TOKEN_DTYPE).tobytes()
+            f.write(chunk)
+            digest.update(chunk)
+            docs_n += len(docs)
+            chars += sum(map(len, docs))
+            text_bytes += sum(len(d.encode()) for d in docs)
+            tokens += len(flat)
+            unk += int((flat == UNK_ID).sum())
+            byte_pieces += int(is_byte[flat].sum())
     return dict(documents=docs_n, characters=chars, bytes=text_bytes, tokens=tokens,
                 bytes_per_token=round(text_bytes / max(tokens, 1), 4), unk_rate=unk / max(tokens, 1),
                 byte_fallback_rate=byte_pieces / max(tokens, 1))

@@ -25,7 +25,7 @@ from mmrec import checkpoint, distributed
 from mmrec.config import Params, TrainParams
 from mmrec.data import check_fits, fixed_starts, random_batch
 from mmrec.errors import UserError
-from mmrec.files import atomic_path, copy_atomic, sha256_file, sha256_text, write_json
+from mmrec.files import copy_atomic, sha256_file, sha256_text, write_json, write_text
 from mmrec.evaluate import score
 from mmrec.model import ModelConfig, build_model, count_params, param_groups
 
@@ -404,10 +404,5 @@ def run_speed(run: Any) -> dict[str, float]:
 
 def write_curve(path: Path, history: list[dict[str, float]]) -> None:
     """The plot data for `dvc plots`: step, train_loss, val_loss, lr per evaluation."""
-    tmp = atomic_path(path)
-    try:
-        lines = ["step,train_loss,val_loss,lr"] + [f"{r['step']},{r['train_loss']!r},{r['val_loss']!r},{r['lr']!r}" for r in history]
-        tmp.write_text("\n".join(lines) + "\n")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    rows = [f"{r['step']},{r['train_loss']!r},{r['val_loss']!r},{r['lr']!r}" for r in history]
+    write_text(path, "\n".join(["step,train_loss,val_loss,lr", *rows]) + "\n")

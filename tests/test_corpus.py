@@ -376,6 +376,6 @@ def test_stage_script_exits_cleanly_on_a_user_error(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"error: data.source = 'nowhere://x': unknown source kind; allowed: "
-        f"an http(s):// URL, a local file or directory (.txt/.jsonl/.parquet), or package:<import name>/<path>"
+        "error: data.source = 'nowhere://x': unknown source kind; allowed: "
+        "an http(s):// URL, a local file or directory (.txt/.jsonl/.parquet), or package:<import name>/<path>"
     ]
