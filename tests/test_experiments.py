@@ -44,7 +44,7 @@ def test_queued_experiments_run_two_at_a_time_into_the_main_store(project, capsy
     dvc(root, "repro", "tokenizer")
     commit(root, "baseline")
     dvc(root, "exp", "run", "--queue", "-S", "train.lr=0.005", "-n", "lr-low")
-    dvc(root, "exp", "run", "--queue", "-S", "train.lr=0.02", "-n", "lr-high")
+    dvc(root, "exp", "run", "--queue", "-S", "model.arch=gpt", "-n", "gpt")
     dvc(root, "queue", "start", "-j", "2")
     deadline = time.time() + 400
     while time.time() < deadline:
@@ -52,24 +52,24 @@ def test_queued_experiments_run_two_at_a_time_into_the_main_store(project, capsy
         if "Queued" not in status and "Running" not in status:
             break
         time.sleep(2)
-    assert status.count("Success") == 2, status + dvc(root, "queue", "logs", "lr-low").stdout
+    assert status.count("Success") == 2, status + dvc(root, "queue", "logs", "gpt").stdout
 
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("mmrec").experiment_id])
     by_exp = {r.data.tags.get("dvc_exp_name"): r for r in runs}
-    assert set(by_exp) == {"lr-low", "lr-high"}
-    for name, lr in [("lr-low", "0.005"), ("lr-high", "0.02")]:
+    assert set(by_exp) == {"lr-low", "gpt"}
+    for name, lr, arch in [("lr-low", "0.005", "mmrec"), ("gpt", "0.01", "gpt")]:
         r = by_exp[name]
-        assert r.info.status == "FINISHED" and r.data.params["train.lr"] == lr
+        assert r.info.status == "FINISHED" and r.data.params["train.lr"] == lr and r.data.params["model.arch"] == arch
         assert len(client.get_metric_history(r.info.run_id, "train_loss")) == 40
         assert "test_bpb" in r.data.metrics and r.data.tags["promote.decision"] == "promoted"
         assert r.data.tags["dvc_exp_baseline_rev"]
 
     shown = json.loads(dvc(root, "exp", "show", "--json").stdout)
     exps = [e for rev in shown for e in (rev.get("experiments") or [])]
-    assert {e["name"] for e in exps} == {"lr-low", "lr-high"}
+    assert {e["name"] for e in exps} == {"lr-low", "gpt"}
 
     capsys.readouterr()
     assert compare(["--tracking-uri", f"sqlite:///{root}/mlflow.db", "--experiment", "mmrec"]) == 0
     table = capsys.readouterr().out
-    assert "lr-low" in table and "lr-high" in table and "train.lr" in table
+    assert "lr-low" in table and "gpt" in table and "train.lr" in table and "model.arch" in table

@@ -76,3 +76,33 @@ def test_a_rejected_rung_stops_repro_with_one_line_and_moves_no_alias(project):
     assert decision["promoted"] is False
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     assert client.search_registered_models() == []
+
+
+def test_a_killed_train_stage_resumes_under_dvc_and_ends_with_the_same_metrics(project, tmp_path):
+    import psutil  # comes with dvc
+    import shutil
+    import subprocess
+    import time
+
+    root, set_params = project
+    set_params(train={"max_steps": 150, "eval_every": 10})
+    dvc(root, "repro", "tokenizer")
+    twin = tmp_path / "twin"
+    shutil.copytree(root, twin)  # the same project, never killed
+    dvc(twin, "repro", "train@tiny")
+
+    proc = subprocess.Popen(["dvc", "repro", "train@tiny"], cwd=root, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    last = root / "checkpoints/tiny/last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+        p.kill()
+    proc.wait()
+    assert last.exists() and not (root / "models/tiny/best.pt").exists(), "the stage ended before the kill"
+
+    out = dvc(root, "repro", "train@tiny")
+    assert "resuming from step" in out.stdout + out.stderr
+    assert (root / "metrics/train/tiny.json").read_text() == (twin / "metrics/train/tiny.json").read_text()
+    assert "up to date" in dvc(root, "status", "train@tiny").stdout
