@@ -134,7 +134,8 @@ class Run:
 
 
 class MMRecPyfunc(mlflow.pyfunc.PythonModel):
-    """`models:/<name>@champion` as a text generator: a list of prompts in, their greedy continuations out."""
+    """`models:/<name>@champion` as a text generator: a list of prompts in, each continued greedily out
+    (params={"max_new_tokens": N}, 40 by default)."""
 
     def load_context(self, context) -> None:
         from mmrec.evaluate import load_model
@@ -147,16 +148,22 @@ class MMRecPyfunc(mlflow.pyfunc.PythonModel):
         from mmrec.evaluate import generate
 
         n = int((params or {}).get("max_new_tokens", 40))
-        return [self.sp.decode(generate(self.model, self.sp.encode(p), n, greedy=True, eos_id=self.sp.eos_id()))
-                for p in model_input]
+        out = []
+        for prompt in model_input:
+            ids = self.sp.encode(prompt)
+            out.append(self.sp.decode(ids + generate(self.model, ids, n, greedy=True, eos_id=self.sp.eos_id())))
+        return out
 
 
 def register(run: Run, name: str, checkpoint: Path, tokenizer: Path, aliases: list[str]) -> str:
     """Log the checkpoint as a pyfunc model in `run`, register it as a new version of `name`, point the aliases at it."""
     code = Path(__file__).resolve().parent  # the mmrec package travels with the model
+    # the wrapper holds no state (weights travel as artifacts), so pickling it is safe: quiet that warning
+    logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
     with mlflow.start_run(run_id=run.id):
         info = mlflow.pyfunc.log_model(
             name="model", python_model=MMRecPyfunc(), code_paths=[str(code)],
+            input_example=(["In the beginning"], {"max_new_tokens": 4}),  # input and params: the signature
             artifacts={"checkpoint": str(checkpoint), "tokenizer": str(tokenizer)},
             pip_requirements=[f"torch=={_version('torch')}", f"sentencepiece=={_version('sentencepiece')}",
                               f"numpy=={_version('numpy')}", f"pydantic=={_version('pydantic')}"])
