@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import torch
 
 from common import ROOT, peak_rss_mb, setup, train
@@ -25,9 +26,26 @@ from mmrec.model import ModelConfig, count_params
 MARKERS = ("<!-- bench_study:start -->", "<!-- bench_study:end -->")
 
 
-def steps_per_second(cfg: ModelConfig, params, train_tokens, val_tokens, probe: int = 8) -> float:
-    """A probe of the real loop; its first steps and final evaluation make it err on the slow side."""
-    return probe / train(cfg, params, probe, 1, train_tokens, val_tokens, eval_every=10**9)[2]
+class Speed:
+    """A metric sink that keeps the loop's own per-step tokens/s."""
+
+    def __init__(self) -> None:
+        self.tok_s: list[float] = []
+
+    def log(self, step: int, **metrics: float) -> None:
+        if "tokens_per_s" in metrics:
+            self.tok_s.append(metrics["tokens_per_s"])
+
+    def flush(self) -> None:
+        pass
+
+
+def steps_per_second(cfg: ModelConfig, params, train_tokens, val_tokens, probe: int = 12) -> float:
+    """Steady-state speed of the real loop: the median step of a short probe, the first two left out."""
+    speed = Speed()
+    train(cfg, params, probe, 1, train_tokens, val_tokens, eval_every=10**9, sink=speed)
+    tokens_per_step = params.train.batch_size * params.train.seq_len
+    return float(np.median(speed.tok_s[2:])) / tokens_per_step
 
 
 def one(arch: str, seq: int, minutes: float, tokens_per_step: int) -> dict:
@@ -51,10 +69,10 @@ def table(rows: list[dict], minutes: float, tokens_per_step: int) -> str:
     lines = [f"Equal wall-clock budget of {minutes:g} min per run on {torch.get_num_threads()} CPU threads, "
              f"{tokens_per_step} tokens per step, tiny rung shape, default corpus "
              f"(`python bench/bench_study.py --minutes {minutes:g}`).", "",
-             "| arch | seq | params | steps | tokens/s | best val loss | test bits/byte | peak RSS MB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| arch | seq | params | steps | train s | tokens/s | best val loss | test bits/byte | peak RSS MB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['arch']} | {r['seq']} | {r['params']:,} | {r['steps']} | {r['tok_s']:,.0f} | "
+        lines.append(f"| {r['arch']} | {r['seq']} | {r['params']:,} | {r['steps']} | {r['train_s']:.0f} | {r['tok_s']:,.0f} | "
                      f"{r['best_val_loss']:.4f} | {r['test_bpb']:.4f} | {r['peak_rss_mb']:,.0f} |")
     return "\n".join(lines)
 

@@ -15,7 +15,7 @@ from mmrec.config import Params, load_params  # noqa: E402
 from mmrec.errors import UserError  # noqa: E402
 from mmrec.model import ModelConfig, build_model  # noqa: E402
 from mmrec.tokenizer import load_tokens, read_header  # noqa: E402
-from mmrec.train import Budget, Progress, fit, seed_everything  # noqa: E402
+from mmrec.train import Budget, MetricSink, Progress, fit, seed_everything  # noqa: E402
 
 
 def setup(root: Path = ROOT) -> tuple[Params, dict, object, object]:
@@ -29,7 +29,8 @@ def setup(root: Path = ROOT) -> tuple[Params, dict, object, object]:
 
 
 def train(cfg: ModelConfig, params: Params, steps: int, warmup: int, train_tokens, val_tokens,
-          state: dict | None = None, eval_every: int | None = None) -> tuple[torch.nn.Module, Progress, float]:
+          state: dict | None = None, eval_every: int | None = None,
+          sink: MetricSink | None = None) -> tuple[torch.nn.Module, Progress, float]:
     """The pipeline's own loop (fit) on a fresh model, or on `state`; returns model, progress, seconds."""
     tp = params.train.model_copy(update={"eval_every": eval_every or params.train.eval_every})
     generator = seed_everything(params.seed)
@@ -39,7 +40,7 @@ def train(cfg: ModelConfig, params: Params, steps: int, warmup: int, train_token
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as ckpt:
         progress = fit(model, train_tokens, val_tokens, tp, Budget(steps, params.train.lr, warmup),
-                       generator=generator, ckpt_dir=Path(ckpt), extra={})
+                       generator=generator, ckpt_dir=Path(ckpt), extra={}, sink=sink)
     return model, progress, time.perf_counter() - start
 
 

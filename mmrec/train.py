@@ -36,7 +36,7 @@ class MetricSink(Protocol):
 
 
 class TrainingDiverged(UserError):
-    pass
+    """The loss turned NaN or infinite; last.pt still holds the last good state."""
 
 
 @dataclass
@@ -68,9 +68,12 @@ def lr_at(step: int, budget: Budget, min_lr: float) -> float:
 
 
 def resolve_device(name: str) -> torch.device:
+    """'auto' means CUDA when torch sees a GPU, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device = 'cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else name if name != "auto" else "cpu")
+    return torch.device(name)
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:

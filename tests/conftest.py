@@ -14,6 +14,9 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+for _who in ("AUTHOR", "COMMITTER"):  # commits made by the tests (and dvc exp) need an identity
+    os.environ.setdefault(f"GIT_{_who}_NAME", "mmrec tests")
+    os.environ.setdefault(f"GIT_{_who}_EMAIL", "tests@mmrec.invalid")
 
 SUBJECTS = ["the king", "a shepherd", "the people", "my brother", "the prophet", "his servant", "the city"]
 VERBS = ["went up to", "spake unto", "looked upon", "came down from", "gave bread to", "dwelt in"]
