@@ -6,6 +6,7 @@ whole story (params, curves, test metrics, the gate) sits in one place in `mlflo
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -19,6 +20,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stage 
 logging.getLogger("alembic").setLevel(logging.WARNING)  # schema migrations on a fresh store are noise
 
 import mlflow  # noqa: E402
+from filelock import FileLock  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 
@@ -52,9 +54,33 @@ def artifact_location(params: MlflowParams) -> str:
 
 def client(params: MlflowParams) -> MlflowClient:
     uri = tracking_uri(params)
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(uri, uri)
+    # The first client of a new sqlite store creates its tables; two queued experiments doing that at
+    # once collide in the schema migration, so opening a store is serialised by a lock file beside it.
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{db}.lock"):
+        return MlflowClient(uri, uri)
+
+
+@contextlib.contextmanager
+def fluent_store(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (start_run, log_model, load_model, search_runs) reads one process-wide URI,
+    and set_tracking_uri() also exports it to every child process: point it at `uri` for this block only."""
+    saved = {var: os.environ.get(var) for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    return MlflowClient(uri, uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
+        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
 
 
 def experiment_id(c: MlflowClient, params: MlflowParams) -> str:
@@ -160,27 +186,23 @@ def register(run: Run, name: str, checkpoint: Path, tokenizer: Path, aliases: li
     code = Path(__file__).resolve().parent  # the mmrec package travels with the model
     # the wrapper holds no state (weights travel as artifacts), so pickling it is safe: quiet that warning
     logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
-    with mlflow.start_run(run_id=run.id):
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=MMRecPyfunc(), code_paths=[str(code)],
-            input_example=(["In the beginning"], {"max_new_tokens": 4}),  # input and params: the signature
-            artifacts={"checkpoint": str(checkpoint), "tokenizer": str(tokenizer)},
-            pip_requirements=[f"torch=={_version('torch')}", f"sentencepiece=={_version('sentencepiece')}",
-                              f"numpy=={_version('numpy')}", f"pydantic=={_version('pydantic')}"])
-    try:
-        run.client.create_registered_model(name)
-    except mlflow.exceptions.MlflowException:
-        pass  # it exists already (or a concurrent promotion made it)
-    version = run.client.create_model_version(name, info.model_uri, run_id=run.id).version
-    for alias in aliases:
-        run.client.set_registered_model_alias(name, alias, version)
+    # the whole block runs against this store: the registry looks the logged model up through a default client
+    with fluent_store(run.client.tracking_uri):
+        with mlflow.start_run(run_id=run.id):
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=MMRecPyfunc(), code_paths=[str(code)],
+                input_example=(["In the beginning"], {"max_new_tokens": 4}),  # input and params: the signature
+                artifacts={"checkpoint": str(checkpoint), "tokenizer": str(tokenizer)},
+                pip_requirements=[f"torch=={_version('torch')}", f"sentencepiece=={_version('sentencepiece')}",
+                                  f"numpy=={_version('numpy')}", f"pydantic=={_version('pydantic')}"])
+        try:
+            run.client.create_registered_model(name)
+        except mlflow.exceptions.MlflowException:
+            pass  # it exists already (or a concurrent promotion made it)
+        version = run.client.create_model_version(name, info.model_uri, run_id=run.id).version
+        for alias in aliases:
+            run.client.set_registered_model_alias(name, alias, version)
     return str(version)
-
-
-def load_champion(params: MlflowParams, name: str, alias: str = "champion"):
-    """The pyfunc model that `models:/<name>@<alias>` names in this project's store."""
-    client(params)
-    return mlflow.pyfunc.load_model(f"models:/{name}@{alias}")
 
 
 def _version(package: str) -> str:
@@ -214,8 +236,8 @@ def runs_frame(uri: str, experiment: str) -> pd.DataFrame | None:
     exp = MlflowClient(uri).get_experiment_by_name(experiment)
     if exp is None:
         return None
-    mlflow.set_tracking_uri(uri)  # search_runs pages through the global store
-    return mlflow.search_runs([exp.experiment_id])
+    with fluent_store(uri):  # search_runs pages through the global store
+        return mlflow.search_runs([exp.experiment_id])
 
 
 def metric_histories(uri: str, run_ids: list[str], key: str) -> dict[str, list[tuple[int, float]]]:

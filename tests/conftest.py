@@ -23,6 +23,13 @@ VERBS = ["went up to", "spake unto", "looked upon", "came down from", "gave brea
 OBJECTS = ["the mountain", "the house of David", "Jerusalem", "the river", "the land of Egypt", "the temple"]
 
 
+@pytest.fixture(autouse=True)
+def _no_inherited_mlflow_store(monkeypatch):
+    """Stages started by a test must pick their store from params, not from a variable an earlier test set."""
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(var, raising=False)
+
+
 def synthetic_documents(n_docs: int = 120, seed: int = 0) -> list[str]:
     """A tiny, learnable corpus: templated sentences grouped into multi-sentence documents."""
     rng = random.Random(seed)
