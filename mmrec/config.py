@@ -64,7 +64,7 @@ class TokenizerParams(Section):
     character_coverage: Annotated[float, Field(gt=0.9, le=1.0)] = 1.0
     byte_fallback: bool = True
     split_digits: bool = True
-    num_threads: Annotated[int, Field(ge=1, le=256)] = 2  # fixed so the model file is identical on a rerun
+    num_threads: Annotated[int, Field(ge=1, le=256)] = 2  # training threads: fixed so spm.model is identical on a rerun
     input_sentence_size: Annotated[int, Field(ge=0)] = 0  # 0: use every train line
 
 

@@ -1,4 +1,5 @@
 """Stage `tokenizer`: train SentencePiece on data/prepared/train.txt, encode every split to data/tokens."""
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,7 +29,8 @@ def main() -> None:
     # Both dirs are built beside their final place and renamed in only when everything succeeded.
     with staged_dir(MODEL_DIR) as model_dir, staged_dir(TOKENS_DIR) as tokens_dir:
         model = train_tokenizer(PREPARED / "train.txt", model_dir, params.tokenizer, params.seed)
-        header = encode_splits(model, PREPARED, tokens_dir, params.tokenizer.num_threads)
+        # encoding is the same on any thread count, so it takes every core (training keeps its fixed count)
+        header = encode_splits(model, PREPARED, tokens_dir, os.cpu_count() or 1)
     seconds = time.perf_counter() - start
     write_json(METRICS, dict(vocab_size=header["vocab_size"], **header["splits"]))
     write_json(SPEED, {"seconds": round(seconds, 2)})
