@@ -20,7 +20,7 @@ import numpy as np
 import sentencepiece as spm
 from mmrec.config import TokenizerParams
 from mmrec.errors import UserError
-from mmrec.files import replacing, replacing_dir, sha256_file, write_json, write_text
+from mmrec.files import replacing, sha256_file, write_json, write_text
 
 SPLITS = ("train", "val", "test")
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -30,7 +30,6 @@ BATCH_CHARS = 1 << 22  # text encoded per batch: bounds memory whatever the corp
 HEADER = "header.json"
 
 
-staged_dir = replacing_dir  # the tokenizer stage builds both output dirs this way
 
 
 def read_docs(path: Path) -> Iterator[str]:

@@ -75,6 +75,19 @@ def run(cmd: list[str], cwd: Path, check: bool = True, **kw) -> subprocess.Compl
     return proc
 
 
+def dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run(["dvc", *args], root, check=check)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all it started (torchrun's workers live in sessions of their own)."""
+    import psutil  # comes with dvc
+
+    launcher = psutil.Process(pid)
+    for p in [launcher, *launcher.children(recursive=True)]:
+        p.kill()
+
+
 @pytest.fixture
 def project(tmp_path: Path, corpus_txt: Path):
     """A fresh git + DVC copy of the repository with tiny params and the synthetic corpus; returns a setter for params."""

@@ -4,11 +4,10 @@ import subprocess
 import sys
 import time
 
-import psutil  # comes with dvc
 import yaml
 from mlflow import MlflowClient
 
-from tests.conftest import REPO, TINY_PARAMS, deep_merge
+from tests.conftest import REPO, TINY_PARAMS, deep_merge, kill_tree
 
 PARAMS = deep_merge(TINY_PARAMS, {"train": {"nproc": 2, "max_steps": 120, "eval_every": 20}})
 
@@ -50,9 +49,7 @@ def test_two_gloo_processes_train_log_once_and_resume_to_the_same_result(workdir
     deadline = time.time() + 120
     while not last.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    launcher = psutil.Process(proc.pid)  # torchrun's workers live in sessions of their own: kill each
-    for p in [launcher, *launcher.children(recursive=True)]:
-        p.kill()
+    kill_tree(proc.pid)
     proc.wait()
     assert last.exists() and not (killed / "metrics/train/tiny.json").exists(), "the run ended before the kill"
 

@@ -5,13 +5,9 @@ import time
 from mlflow import MlflowClient
 
 from mmrec.compare import main as compare
-from tests.conftest import run
+from tests.conftest import dvc, run
 
 ONE_RUNG = {"ladder": {"tiny": {"width": 32, "layers": 1, "memories": 2, "after": "data/tokens"}}}
-
-
-def dvc(root, *args):
-    return run(["dvc", *args], root)
 
 
 def commit(root, message):

@@ -5,11 +5,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import run
-
-
-def dvc(root, *args, check=True):
-    return run(["dvc", *args], root, check=check)
+from tests.conftest import dvc, kill_tree
 
 
 def ran(output: str) -> list[str]:
@@ -80,7 +76,6 @@ def test_a_rejected_rung_stops_repro_with_one_line_and_moves_no_alias(project):
 
 
 def test_a_killed_train_stage_resumes_under_dvc_and_ends_with_the_same_metrics(project, tmp_path):
-    import psutil  # comes with dvc
     import shutil
     import subprocess
     import time
@@ -98,8 +93,7 @@ def test_a_killed_train_stage_resumes_under_dvc_and_ends_with_the_same_metrics(p
     deadline = time.time() + 120
     while not last.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
-        p.kill()
+    kill_tree(proc.pid)
     proc.wait()
     assert last.exists() and not (root / "models/tiny/best.pt").exists(), "the stage ended before the kill"
 

@@ -13,8 +13,8 @@ import pytest
 import yaml
 from mmrec.config import TokenizerParams
 from mmrec.errors import UserError
-from mmrec.files import sha256_file
-from mmrec.tokenizer import (EOS_ID, encode_splits, load_tokenizer, load_tokens, read_header, staged_dir,
+from mmrec.files import replacing_dir, sha256_file
+from mmrec.tokenizer import (EOS_ID, encode_splits, load_tokenizer, load_tokens, read_header,
                              train_tokenizer)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,15 +176,15 @@ def test_missing_header_and_tokenizer_say_what_to_run(tmp_path):
         load_tokenizer(tmp_path)
 
 
-def test_staged_dir_keeps_the_old_dir_when_the_build_fails(tmp_path):
+def test_replacing_dir_keeps_the_old_dir_when_the_build_fails(tmp_path):
     final = tmp_path / "out"
     final.mkdir()
     (final / "old.txt").write_text("old")
-    with pytest.raises(RuntimeError), staged_dir(final) as tmp:
+    with pytest.raises(RuntimeError), replacing_dir(final) as tmp:
         (tmp / "half.txt").write_text("half")
         raise RuntimeError("build failed")
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and (final / "old.txt").exists()
-    with staged_dir(final) as tmp:
+    with replacing_dir(final) as tmp:
         (tmp / "new.txt").write_text("new")
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in final.iterdir()] == ["new.txt"]
 
