@@ -34,12 +34,12 @@ from tqdm import tqdm
 from mmrec.config import DataParams
 from mmrec.errors import UserError
 from mmrec.files import replacing_dir, sha256_file, write_json
+from mmrec.paths import PREPARED as PREPARED_DIR
+from mmrec.paths import RAW as RAW_DIR
+from mmrec.paths import SPLITS
 
-RAW_DIR = Path("data/raw")
-PREPARED_DIR = Path("data/prepared")
 METRICS_FILE = Path("metrics/download.json")
 SPEED_FILE = Path("metrics/speed/download.json")  # wall clock, apart from the reproducible metrics
-SPLITS = ("train", "val", "test")
 FORMATS = (".txt", ".jsonl", ".parquet")  # each may also be gzipped (.gz)
 KINDS = "an http(s):// URL, a local file or directory (.txt/.jsonl/.parquet), or package:<import name>/<path>"
 BACKOFF_S = 0.5  # first retry waits this long, then doubles

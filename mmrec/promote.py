@@ -12,6 +12,7 @@ from pathlib import Path
 from mmrec.config import Params
 from mmrec.errors import UserError
 from mmrec.files import write_json
+from mmrec.paths import RungPaths
 
 
 class Rejected(UserError):
@@ -42,10 +43,10 @@ def decide(params: Params, rung: str, root: Path = Path(".")) -> Decision:
     """Promote when test bits/byte beats the parent by promote.min_improvement (the first rung: the
     unigram baseline by promote.baseline_margin), and stays under promote.max_bpb when that is set."""
     p, parent = params.promote, params.rung(rung).parent
-    metrics = read_json(root / "metrics" / "eval" / f"{rung}.json", f"evaluate@{rung}")
+    metrics = read_json(RungPaths(root, rung).eval_metrics, f"evaluate@{rung}")
     bpb = metrics["test_bpb"]
     if parent:
-        ref = read_json(root / "models" / parent / "promotion.json", f"promote@{parent}")["test_bpb"]
+        ref = read_json(RungPaths(root, parent).promotion, f"promote@{parent}")["test_bpb"]
         threshold, what = ref - p.min_improvement, f"{parent} ({ref:.4f}) - min_improvement {p.min_improvement}"
     else:
         ref = metrics["unigram_bpb"]
@@ -65,23 +66,22 @@ def decide(params: Params, rung: str, root: Path = Path(".")) -> Decision:
 def promote_rung(params: Params, rung: str, root: Path = Path(".")) -> Decision:
     """Apply the gate; on promotion register the model and move the aliases. Rejection raises
     `Rejected` after writing the decision, unless promote.on_reject is 'continue'."""
-    from mmrec import track
-    from mmrec.evaluate import read_run_id
+    from mmrec import registry, track
 
-    model_dir = root / "models" / rung
+    paths = RungPaths(root, rung)
+    model_dir = paths.model()
     decision = decide(params, rung, root)
-    decision.run_id = read_run_id(model_dir)
+    decision.run_id = track.read_run_id(model_dir)
     run = track.Run.resume(params.mlflow, decision.run_id)
     if decision.promoted:
         decision.registered_model = params.promote.registered_model
-        decision.model_version = track.register(run, params.promote.registered_model, model_dir / "best.pt",
-                                                root / "models" / "tokenizer" / "spm.model",
+        decision.model_version = registry.register(run, params.promote.registered_model, paths.best, paths.tokenizer,
                                                 aliases=["champion", rung])
     run.set_tags({"promote.decision": "promoted" if decision.promoted else "rejected",
                   "promote.reason": decision.reason, "promote.threshold_bpb": decision.threshold_bpb,
                   "promote.model_version": decision.model_version})
     run.end()
-    write_json(model_dir / "promotion.json", asdict(decision))
+    write_json(paths.promotion, asdict(decision))
     if not decision.promoted and params.promote.on_reject == "fail":
         raise Rejected(f"{rung} not promoted: {decision.reason} (set promote.on_reject: continue to go on anyway)")
     return decision

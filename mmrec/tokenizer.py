@@ -21,8 +21,8 @@ import sentencepiece as spm
 from mmrec.config import TokenizerParams
 from mmrec.errors import UserError
 from mmrec.files import replacing, sha256_file, write_json, write_text
+from mmrec.paths import SPLITS
 
-SPLITS = ("train", "val", "test")
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 TOKEN_DTYPE = np.uint16
 MAX_DOC_BYTES = 1 << 20  # longer train documents are left out of training (still encoded)

@@ -1,4 +1,4 @@
-"""MLflow tracking: the only module that imports mlflow.
+"""MLflow tracking: runs, their params, metrics and artifacts (registry.py holds the model registry).
 
 One MLflow run per rung. The stage that trains a rung opens it and writes its id to
 models/<rung>/run.json; evaluate and promote reopen the same run through that file, so a rung's
@@ -7,6 +7,7 @@ whole story (params, curves, test metrics, the gate) sits in one place in `mlflo
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import subprocess
@@ -25,11 +26,20 @@ from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 
 from mmrec.config import MlflowParams  # noqa: E402
+from mmrec.errors import UserError  # noqa: E402
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 # The user's choice, read once: mlflow.set_tracking_uri() writes this variable itself, so reading it
 # later would return whatever store this process touched last.
 USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
+
+def read_run_id(model_dir: Path) -> str:
+    """The MLflow run of a rung, as its train stage recorded it in models/<rung>/run.json."""
+    path = model_dir / "run.json"
+    if not path.exists():
+        raise UserError(f"{path} is missing; run `dvc repro train@{model_dir.name}` first")
+    return json.loads(path.read_text())["run_id"]
 
 
 def repo_root() -> Path:
@@ -157,58 +167,6 @@ class Run:
     def metric_history(self, key: str) -> Iterator[tuple[int, float]]:
         for m in self.client.get_metric_history(self.id, key):
             yield m.step, m.value
-
-
-class MMRecPyfunc(mlflow.pyfunc.PythonModel):
-    """`models:/<name>@champion` as a text generator: a list of prompts in, each continued greedily out
-    (params={"max_new_tokens": N}, 40 by default)."""
-
-    def load_context(self, context) -> None:
-        from mmrec.evaluate import load_model
-        from mmrec.tokenizer import load_tokenizer
-
-        self.model, _ = load_model(context.artifacts["checkpoint"])
-        self.sp = load_tokenizer(context.artifacts["tokenizer"])
-
-    def predict(self, context, model_input: list[str], params: dict | None = None) -> list[str]:
-        from mmrec.evaluate import generate
-
-        n = int((params or {}).get("max_new_tokens", 40))
-        out = []
-        for prompt in model_input:
-            ids = self.sp.encode(prompt)
-            out.append(self.sp.decode(ids + generate(self.model, ids, n, greedy=True, eos_id=self.sp.eos_id())))
-        return out
-
-
-def register(run: Run, name: str, checkpoint: Path, tokenizer: Path, aliases: list[str]) -> str:
-    """Log the checkpoint as a pyfunc model in `run`, register it as a new version of `name`, point the aliases at it."""
-    code = Path(__file__).resolve().parent  # the mmrec package travels with the model
-    # the wrapper holds no state (weights travel as artifacts), so pickling it is safe: quiet that warning
-    logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
-    # the whole block runs against this store: the registry looks the logged model up through a default client
-    with fluent_store(run.client.tracking_uri):
-        with mlflow.start_run(run_id=run.id):
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=MMRecPyfunc(), code_paths=[str(code)],
-                input_example=(["In the beginning"], {"max_new_tokens": 4}),  # input and params: the signature
-                artifacts={"checkpoint": str(checkpoint), "tokenizer": str(tokenizer)},
-                pip_requirements=[f"torch=={_version('torch')}", f"sentencepiece=={_version('sentencepiece')}",
-                                  f"numpy=={_version('numpy')}", f"pydantic=={_version('pydantic')}"])
-        try:
-            run.client.create_registered_model(name)
-        except mlflow.exceptions.MlflowException:
-            pass  # it exists already (or a concurrent promotion made it)
-        version = run.client.create_model_version(name, info.model_uri, run_id=run.id).version
-        for alias in aliases:
-            run.client.set_registered_model_alias(name, alias, version)
-    return str(version)
-
-
-def _version(package: str) -> str:
-    from importlib.metadata import version
-
-    return version(package)
 
 
 # Reading runs back, for `python -m mmrec.compare`.

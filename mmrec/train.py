@@ -26,8 +26,10 @@ from mmrec.config import Params, TrainParams
 from mmrec.data import check_fits, fixed_starts, random_batch
 from mmrec.errors import UserError
 from mmrec.files import copy_atomic, sha256_file, sha256_text, write_json, write_text
-from mmrec.evaluate import score
+from mmrec.device import autocast, resolve_device
+from mmrec.inference import score
 from mmrec.model import ModelConfig, build_model, count_params, param_groups
+from mmrec.paths import RungPaths
 
 
 class MetricSink(Protocol):
@@ -65,22 +67,6 @@ def lr_at(step: int, budget: Budget, min_lr: float) -> float:
     span = max(budget.steps - budget.warmup, 1)
     cos = 0.5 * (1 + math.cos(math.pi * min(step - budget.warmup, span) / span))
     return min_lr + (budget.lr - min_lr) * cos
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' means CUDA when torch sees a GPU, else the CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device = 'cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")
-    return torch.device(name)
-
-
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA; full fp32 on CPU so CPU runs stay bit-reproducible."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def seed_everything(seed: int, rank: int = 0) -> torch.Generator:
@@ -196,41 +182,6 @@ def fit(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, tp: TrainPar
             clock = time.perf_counter()  # evaluation time is not training throughput
     bar.close()
     return progress
-
-
-@dataclass
-class RungPaths:
-    """Where one rung's files live, relative to the repository root."""
-    root: Path
-    rung: str
-    checkpoint_dir: str = "checkpoints"
-
-    def model(self, rung: str | None = None) -> Path:
-        return self.root / "models" / (rung or self.rung)
-
-    @property
-    def ckpt(self) -> Path:
-        return self.root / self.checkpoint_dir / self.rung
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics" / "train" / f"{self.rung}.json"
-
-    @property
-    def speed(self) -> Path:
-        return self.root / "metrics" / "speed" / f"{self.rung}.json"
-
-    @property
-    def curve(self) -> Path:
-        return self.root / "metrics" / "curves" / f"{self.rung}.csv"
-
-    @property
-    def tokens(self) -> Path:
-        return self.root / "data" / "tokens"
-
-    @property
-    def tokenizer(self) -> Path:
-        return self.root / "models" / "tokenizer" / "spm.model"
 
 
 def budget_for(params: Params, rung_name: str) -> Budget:
@@ -366,7 +317,7 @@ def write_outputs(paths: RungPaths, run: Any, progress: Progress, cfg: ModelConf
 
     out = paths.model()
     out.mkdir(parents=True, exist_ok=True)
-    copy_atomic(paths.ckpt / "best.pt", out / "best.pt")
+    copy_atomic(paths.ckpt / "best.pt", paths.best)
     write_json(out / "run.json", {"run_id": run.id, "experiment": params.mlflow.experiment,
                                   "tracking_uri": track.tracking_uri(params.mlflow)})
     last = progress.history[-1]

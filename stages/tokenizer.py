@@ -9,11 +9,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # mmrec is not pip
 from mmrec.config import load_params  # noqa: E402
 from mmrec.errors import UserError, exits_cleanly  # noqa: E402
 from mmrec.files import replacing_dir, write_json  # noqa: E402
-from mmrec.tokenizer import SPLITS, encode_splits, train_tokenizer  # noqa: E402
+from mmrec.paths import PREPARED, SPLITS, TOKENIZER, TOKENS  # noqa: E402
+from mmrec.tokenizer import encode_splits, train_tokenizer  # noqa: E402
 
-PREPARED = Path("data/prepared")
-MODEL_DIR = Path("models/tokenizer")
-TOKENS_DIR = Path("data/tokens")
 METRICS = Path("metrics/tokenizer.json")
 SPEED = Path("metrics/speed/tokenizer.json")  # wall clock, apart from the reproducible metrics
 
@@ -27,7 +25,7 @@ def main() -> None:
             raise UserError(f"{txt}: missing or empty (run `dvc repro download` first)")
     start = time.perf_counter()
     # Both dirs are built beside their final place and renamed in only when everything succeeded.
-    with replacing_dir(MODEL_DIR) as model_dir, replacing_dir(TOKENS_DIR) as tokens_dir:
+    with replacing_dir(TOKENIZER) as model_dir, replacing_dir(TOKENS) as tokens_dir:
         model = train_tokenizer(PREPARED / "train.txt", model_dir, params.tokenizer, params.seed)
         # encoding is the same on any thread count, so it takes every core (training keeps its fixed count)
         header = encode_splits(model, PREPARED, tokens_dir, os.cpu_count() or 1)

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmrec.evaluate import bits_per_byte, generate, perplexity, score, text_bytes, unigram_nll
+from mmrec.evaluate import unigram_nll
+from mmrec.inference import bits_per_byte, generate, perplexity, score, text_bytes
 from mmrec.model import ModelConfig, build_model
 from mmrec.tokenizer import load_tokenizer, load_tokens, read_header
 

@@ -1,0 +1,114 @@
+"""Running a trained model: scoring token windows (token-weighted NLL, accuracy, bits per byte),
+generating text, and loading a checkpoint. No tracking, no files besides the checkpoint read."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mmrec import checkpoint
+from mmrec.data import window
+from mmrec.model import ModelConfig, build_model
+
+
+@dataclass
+class Scores:
+    nll_sum: float = 0.0  # nats, summed over every scored token
+    tokens: int = 0
+    top1: int = 0
+    top5: int = 0
+
+    @property
+    def loss(self) -> float:
+        """Mean NLL per target token: the sum over all tokens divided by their count, not a mean of batch means."""
+        return self.nll_sum / max(self.tokens, 1)
+
+    def add(self, other: "Scores") -> None:
+        self.nll_sum += other.nll_sum
+        self.tokens += other.tokens
+        self.top1 += other.top1
+        self.top5 += other.top5
+
+
+def bits_per_byte(nll_sum: float, n_bytes: int) -> float:
+    """Total NLL in bits over the UTF-8 bytes of the text those tokens encode: comparable across tokenizers."""
+    return nll_sum / math.log(2) / n_bytes
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 700.0))  # exp overflows past ~709
+
+
+@torch.no_grad()
+def score(model: torch.nn.Module, tokens: np.ndarray, windows: list[tuple[int, int]],
+          batch_size: int, device: torch.device) -> Scores:
+    """Score (start, length) windows; windows of equal length are batched together."""
+    was_training = model.training
+    model.eval()
+    total = Scores()
+    by_len: dict[int, list[int]] = {}
+    for start, length in windows:
+        by_len.setdefault(length, []).append(start)
+    for length, starts in by_len.items():
+        for i in range(0, len(starts), batch_size):
+            pairs = [window(tokens, s, length) for s in starts[i:i + batch_size]]
+            x = torch.stack([p[0] for p in pairs]).to(device)
+            y = torch.stack([p[1] for p in pairs]).to(device)
+            logits = model(x).logits.float()
+            nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
+            top5 = logits.topk(min(5, logits.size(-1)), dim=-1).indices
+            total.add(Scores(nll.item(), y.numel(), (top5[..., 0] == y).sum().item(),
+                             (top5 == y[..., None]).any(-1).sum().item()))
+    model.train(was_training)
+    return total
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int, *, temperature: float = 1.0,
+             top_k: int = 0, greedy: bool = False, generator: torch.Generator | None = None,
+             eos_id: int | None = None) -> list[int]:
+    """Continue `prompt_ids` by sampling (argmax with greedy=True); stops early at eos_id.
+    MM-Rec carries its recurrent state, so each new token costs one step; GPT rereads the context."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids or [eos_id or 0]], dtype=torch.long, device=device)
+    out = model(ids)
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        logits = out.logits[0, -1].float()
+        if greedy:
+            nxt = int(logits.argmax())
+        else:
+            logits = logits / temperature
+            if top_k:
+                kth = logits.topk(min(top_k, logits.numel())).values[-1]
+                logits = logits.masked_fill(logits < kth, -math.inf)
+            nxt = int(torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator))
+        if nxt == eos_id:
+            break
+        new.append(nxt)
+        ids = torch.cat([ids, torch.tensor([[nxt]], device=device)], dim=1)
+        out = model(ids[:, -1:], state=out.state) if out.state is not None else model(ids)
+    model.train(was_training)
+    return new
+
+
+def load_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
+    """A model from a best.pt checkpoint (weights only), in eval mode, and the checkpoint dict."""
+    ckpt = checkpoint.load(path)
+    model = build_model(ModelConfig.from_dict(ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt
+
+
+def text_bytes(sp, ids: np.ndarray, eos_id: int) -> int:
+    """UTF-8 bytes of the text that `ids` encode, document by document (EOS separates documents)."""
+    ids = np.asarray(ids)
+    cuts = np.flatnonzero(ids == eos_id)
+    pieces = np.split(ids, cuts)
+    return sum(len(sp.decode([int(t) for t in piece if t != eos_id]).encode("utf-8")) for piece in pieces)

@@ -1,0 +1,67 @@
+"""Where every file of the pipeline lives, relative to the repository root: the one place for these names."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+SPLITS = ("train", "val", "test")
+RAW = Path("data/raw")
+PREPARED = Path("data/prepared")
+TOKENS = Path("data/tokens")
+TOKENIZER = Path("models/tokenizer")
+METRICS = Path("metrics")
+
+
+@dataclass
+class RungPaths:
+    """One rung's files under `root`."""
+    root: Path
+    rung: str
+    checkpoint_dir: str = "checkpoints"
+
+    def model(self, rung: str | None = None) -> Path:
+        return self.root / "models" / (rung or self.rung)
+
+    @property
+    def ckpt(self) -> Path:
+        return self.root / self.checkpoint_dir / self.rung
+
+    @property
+    def best(self) -> Path:
+        return self.model() / "best.pt"
+
+    @property
+    def run_file(self) -> Path:
+        return self.model() / "run.json"
+
+    @property
+    def promotion(self) -> Path:
+        return self.model() / "promotion.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / METRICS / "train" / f"{self.rung}.json"
+
+    @property
+    def eval_metrics(self) -> Path:
+        return self.root / METRICS / "eval" / f"{self.rung}.json"
+
+    @property
+    def speed(self) -> Path:
+        return self.root / METRICS / "speed" / f"{self.rung}.json"
+
+    @property
+    def curve(self) -> Path:
+        return self.root / METRICS / "curves" / f"{self.rung}.csv"
+
+    @property
+    def tokens(self) -> Path:
+        return self.root / TOKENS
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.root / TOKENIZER
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / TOKENIZER / "spm.model"
