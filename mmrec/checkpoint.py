@@ -16,12 +16,24 @@ def save_atomic(obj: dict[str, Any], path: str | Path) -> None:
         torch.save(obj, tmp)
 
 
-def load(path: str | Path) -> dict[str, Any]:
+def load(path: str | Path, fix: str = "delete it and rerun", keys: tuple[str, ...] = ("model",)) -> dict[str, Any]:
+    """A checkpoint holding at least `keys`; `fix` tells the user what to do when it is missing or damaged.
+    weights_only=True: a file holding anything but tensors and plain types is refused, never executed."""
     path = Path(path)
     if not path.exists():
-        raise UserError(f"checkpoint {path} not found")
+        raise UserError(f"checkpoint {path} not found; {fix}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a torn or foreign file: say which, never unpickle arbitrary objects
-        raise UserError(f"checkpoint {path} cannot be read ({type(err).__name__}); delete it and rerun") from None
+        raise UserError(f"checkpoint {path} cannot be read ({type(err).__name__}: not a checkpoint of ours, "
+                        f"or damaged); {fix}") from None
+    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise UserError(f"checkpoint {path} has no {', '.join(missing)} (not a checkpoint of ours?); {fix}")
+    return state
+
+
+def dvc_fix(stage: str) -> str:
+    """The fix for a damaged DVC output: restore the cached copy, or rebuild it."""
+    return f"restore it with `dvc checkout {stage}` or rebuild it with `dvc repro -f {stage}`"
 

@@ -93,21 +93,22 @@ class RungParams(Section):
     layers: Annotated[int, Field(ge=1, le=128)]
     memories: Annotated[int, Field(ge=1, le=64)] = 4
     # What this rung waits for, as a DVC dependency path: `data/tokens` for a rung trained from
-    # scratch, `models/<parent>/promotion.json` for a rung grown from the promoted <parent>.
+    # scratch, `models/<parent>/handoff.json` for a rung grown from <parent>. The handoff holds only the
+    # parent's checkpoint digest and verdict, so a changed gate threshold never retrains the child.
     after: str = "data/tokens"
     max_steps: Annotated[int, Field(ge=0)] = 0  # 0: use train.max_steps
     lr: Annotated[float, Field(ge=0)] = 0.0  # 0: use train.lr
 
     @property
     def parent(self) -> str | None:
-        m = re.fullmatch(r"models/([^/]+)/promotion\.json", self.after)
+        m = re.fullmatch(r"models/([^/]+)/handoff\.json", self.after)
         return m.group(1) if m else None
 
     @field_validator("after")
     @classmethod
     def _known_after(cls, v: str) -> str:
-        if v != "data/tokens" and not re.fullmatch(r"models/[a-z][a-z0-9_-]*/promotion\.json", v):
-            raise ValueError("must be 'data/tokens' or 'models/<rung>/promotion.json'")
+        if v != "data/tokens" and not re.fullmatch(r"models/[a-z][a-z0-9_-]*/handoff\.json", v):
+            raise ValueError("must be 'data/tokens' or 'models/<rung>/handoff.json'")
         return v
 
     @model_validator(mode="after")
@@ -170,6 +171,7 @@ class MlflowParams(Section):
     tracking_uri: str = "sqlite:///mlflow.db"  # relative paths resolve against the main repository
     artifact_root: str = "mlruns"
     experiment: Annotated[str, Field(min_length=1)] = "mmrec"
+    lock_timeout_s: Annotated[float, Field(ge=0, le=86400)] = 120.0  # wait this long for a locked sqlite store
 
 
 class Params(Section):
@@ -180,7 +182,7 @@ class Params(Section):
     train: TrainParams = TrainParams()
     ladder: dict[str, RungParams] = {
         "tiny": RungParams(width=128, layers=4),
-        "mini": RungParams(width=256, layers=6, after="models/tiny/promotion.json", max_steps=300),
+        "mini": RungParams(width=256, layers=6, after="models/tiny/handoff.json", max_steps=300),
     }
     evaluate: EvaluateParams = EvaluateParams()
     promote: PromoteParams = PromoteParams()
@@ -197,6 +199,8 @@ class Params(Section):
                 raise ValueError(f"rung name {name!r} must match {RUNG_NAME.pattern}")
             if rung.parent is not None and rung.parent not in seen:
                 raise ValueError(f"ladder.{name}.after names {rung.parent!r}, which is not a rung above it")
+            if rung.parent is not None:
+                _check_growth(name, rung, rung.parent, ladder[rung.parent])
             seen.append(name)
         return ladder
 
@@ -214,6 +218,20 @@ class Params(Section):
         dump = self.model_dump()
         picked = {k: dump[k] for k in sections} if sections else dump
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_growth(name: str, rung: RungParams, parent_name: str, parent: RungParams) -> None:
+    """Growth is defined only for an integer width factor, the same memories and no fewer layers: checked
+    here, before any stage runs, rather than when the child's training starts after its parent's."""
+    if rung.width % parent.width:
+        raise ValueError(f"ladder.{name}.width {rung.width} must be an integer multiple of "
+                         f"ladder.{parent_name}.width {parent.width} (it grows from {parent_name})")
+    if rung.memories != parent.memories:
+        raise ValueError(f"ladder.{name}.memories {rung.memories} must equal ladder.{parent_name}.memories "
+                         f"{parent.memories} (growth keeps the memories)")
+    if rung.layers < parent.layers:
+        raise ValueError(f"ladder.{name}.layers {rung.layers} must not be fewer than "
+                         f"ladder.{parent_name}.layers {parent.layers} (growth only adds layers)")
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

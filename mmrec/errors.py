@@ -12,6 +12,10 @@ class UserError(Exception):
     """A mistake the user can fix (bad params, bad input data, a failed gate): one line, no traceback."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with a message saying where the work stopped and how it resumes."""
+
+
 def exits_cleanly(main: F) -> F:
     """Wrap a stage's main(): a UserError prints `error: <message>` and exits 2, leaving no traceback."""
 
@@ -22,8 +26,8 @@ def exits_cleanly(main: F) -> F:
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
+        except KeyboardInterrupt as err:
+            print(f"error: {err}" if str(err) else "error: interrupted", file=sys.stderr)
             sys.exit(130)
 
     return wrapper  # type: ignore[return-value]

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmrec import track
+from mmrec import checkpoint, track
 from mmrec.data import tiling_starts
 from mmrec.device import resolve_device
 from mmrec.errors import UserError
@@ -60,7 +60,7 @@ def evaluate_rung(params, rung: str, root: Path = Path(".")) -> dict[str, float]
     """Test-split metrics of a rung's best checkpoint: DVC metrics JSON, samples, and the rung's MLflow run."""
     paths = RungPaths(root, rung)
     model_dir = paths.model()
-    model, ckpt = load_model(paths.best)
+    model, ckpt = load_model(paths.best, checkpoint.dvc_fix(f"train@{rung}"))
     if ckpt.get("tokenizer_sha256") != read_header(paths.tokens)["tokenizer_sha256"]:
         raise UserError(f"{paths.best} was trained with another tokenizer; rerun `dvc repro train@{rung}`")
     torch.set_num_threads(params.train.threads or torch.get_num_threads())
@@ -72,8 +72,9 @@ def evaluate_rung(params, rung: str, root: Path = Path(".")) -> dict[str, float]
     write_json(paths.eval_metrics, metrics)
     write_text(model_dir / "samples.txt", text)
 
-    run = track.Run.resume(params.mlflow, track.read_run_id(model_dir))
-    run.log(ckpt["progress"]["step"], **metrics)
-    run.log_artifact(model_dir / "samples.txt", "samples")
-    run.end()
+    run = track.Run.resume(params.mlflow, track.read_run_id(model_dir), rung, {"rung": rung})
+    with track.closed_on_failure(run):
+        run.log(ckpt["progress"]["step"], **metrics)
+        run.log_artifact(model_dir / "samples.txt", "samples")
+        run.end()
     return metrics

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -15,17 +16,45 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from mmrec.errors import UserError
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)  # mkstemp/mkdtemp create private (0600/0700) paths: published outputs get the usual modes
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def sweep_stale(path: Path) -> None:
+    """Remove the temp files and dirs that a killed writer of `path` left beside it. Their names carry the
+    writer's pid, so a temp of a process still alive is left alone."""
+    for prefix, pattern in ((f".{path.stem}.", f"*.tmp{path.suffix}"), (f".{path.name}.tmp-", "*"),
+                            (f".{path.name}.old-", "*")):
+        for stale in path.parent.glob(prefix + pattern):
+            pid = re.match(r"\d+", stale.name.removeprefix(prefix))
+            if pid and _alive(int(pid.group())):
+                continue
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
 
 
 @contextmanager
 def replacing(path: str | Path) -> Iterator[Path]:
     """Yield a temp path beside `path` (same suffix, so format-sniffing writers work); it replaces
-    `path` when the block succeeds and is removed when it fails."""
+    `path` when the block succeeds and is removed when it fails (or by the next writer, after a kill -9)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    sweep_stale(path)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.{os.getpid()}-", suffix=f".tmp{path.suffix}")
     os.close(fd)
     tmp = Path(name)
     try:
@@ -42,7 +71,8 @@ def replacing_dir(path: str | Path) -> Iterator[Path]:
     one is moved aside first: rename cannot replace a non-empty directory), on failure it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    sweep_stale(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-"))
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     try:
         yield tmp
@@ -54,6 +84,18 @@ def replacing_dir(path: str | Path) -> Iterator[Path]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def load_json(path: str | Path, stage: str) -> Any:
+    """A JSON file that `stage` wrote: missing or damaged, one line naming the file and the fix."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing; run `dvc repro {stage}` first") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path}: not valid JSON (damaged?); restore it with `dvc checkout {stage}` "
+                        f"or rerun `dvc repro -f {stage}`") from None
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from mmrec import checkpoint
 from mmrec.data import window
+from mmrec.errors import UserError
 from mmrec.model import ModelConfig, build_model
 
 
@@ -98,11 +99,16 @@ def generate(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int,
     return new
 
 
-def load_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
+def load_model(path: str | Path, fix: str = "") -> tuple[torch.nn.Module, dict]:
     """A model from a best.pt checkpoint (weights only), in eval mode, and the checkpoint dict."""
-    ckpt = checkpoint.load(path)
-    model = build_model(ModelConfig.from_dict(ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
+    path = Path(path)
+    ckpt = checkpoint.load(path, fix or "retrain it", keys=("model", "config"))
+    try:
+        model = build_model(ModelConfig.from_dict(ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, TypeError, KeyError) as err:  # shapes or names that do not fit the config
+        raise UserError(f"checkpoint {path}: its weights do not fit its config ({type(err).__name__}); "
+                        f"{fix or 'retrain it'}") from None
     return model.eval(), ckpt
 
 

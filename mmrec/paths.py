@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SPLITS = ("train", "val", "test")
+PARAMS_OK = Path("data/params.ok")  # written by the validate stage; every stage depends on it
 RAW = Path("data/raw")
 PREPARED = Path("data/prepared")
 TOKENS = Path("data/tokens")
@@ -37,6 +38,10 @@ class RungPaths:
     @property
     def promotion(self) -> Path:
         return self.model() / "promotion.json"
+
+    def handoff(self, rung: str | None = None) -> Path:
+        """What a child rung depends on: the rung's checkpoint digest and verdict, nothing that a threshold changes."""
+        return self.model(rung) / "handoff.json"
 
     @property
     def metrics(self) -> Path:

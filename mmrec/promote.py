@@ -11,7 +11,7 @@ from pathlib import Path
 
 from mmrec.config import Params
 from mmrec.errors import UserError
-from mmrec.files import write_json
+from mmrec.files import sha256_file, write_json
 from mmrec.paths import RungPaths
 
 
@@ -82,6 +82,8 @@ def promote_rung(params: Params, rung: str, root: Path = Path(".")) -> Decision:
                   "promote.model_version": decision.model_version})
     run.end()
     write_json(paths.promotion, asdict(decision))
+    write_json(paths.handoff(), {"rung": rung, "promoted": decision.promoted,
+                                 "checkpoint_sha256": sha256_file(paths.best)})
     if not decision.promoted and params.promote.on_reject == "fail":
         raise Rejected(f"{rung} not promoted: {decision.reason} (set promote.on_reject: continue to go on anyway)")
     return decision

@@ -121,7 +121,11 @@ def load_tokenizer(model_dir_or_path: str | Path) -> spm.SentencePieceProcessor:
         path = path / "spm.model"
     if not path.is_file():
         raise UserError(f"{path}: tokenizer not found (run `dvc repro tokenizer`)")
-    return spm.SentencePieceProcessor(model_file=str(path))
+    try:
+        return spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as err:
+        raise UserError(f"{path}: not a SentencePiece model ({str(err).splitlines()[0][:120]}); restore it with "
+                        "`dvc checkout tokenizer` or rebuild it with `dvc repro -f tokenizer`") from None
 
 
 def _batches(path: Path) -> Iterator[list[str]]:
@@ -209,4 +213,9 @@ def load_tokens(tokens_dir: str | Path, split: str) -> np.memmap:
     header = read_header(tokens_dir)
     if split not in header["splits"]:
         raise UserError(f"unknown split {split!r}; {Path(tokens_dir) / HEADER} has: {', '.join(header['splits'])}")
-    return np.memmap(Path(tokens_dir) / f"{split}.bin", dtype=TOKEN_DTYPE, mode="r")
+    tokens = np.memmap(Path(tokens_dir) / f"{split}.bin", dtype=TOKEN_DTYPE, mode="r")
+    if len(tokens) and int(tokens.max()) >= header["vocab_size"]:  # one pass over a few MB: cheap, and it
+        # turns a damaged file into one line instead of an embedding IndexError mid-training
+        raise UserError(f"{Path(tokens_dir) / f'{split}.bin'}: holds ids beyond vocab_size {header['vocab_size']} "
+                        "(damaged?); restore it with `dvc checkout tokenizer` or rerun `dvc repro -f tokenizer`")
+    return tokens

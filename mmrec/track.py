@@ -11,22 +11,30 @@ import json
 import logging
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # telemetry stays off unless the user turns it on
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stage logs stay readable
+# A tracking server that is down should fail a stage in seconds, not after MLflow's default ~2 minutes of retries.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 logging.getLogger("alembic").setLevel(logging.WARNING)  # schema migrations on a fresh store are noise
 
 import mlflow  # noqa: E402
 from filelock import FileLock  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from sqlalchemy.exc import SQLAlchemyError  # noqa: E402
 
 from mmrec.config import MlflowParams  # noqa: E402
 from mmrec.errors import UserError  # noqa: E402
+from mmrec.files import load_json  # noqa: E402
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 # The user's choice, read once: mlflow.set_tracking_uri() writes this variable itself, so reading it
@@ -34,12 +42,18 @@ MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 
 
+T = TypeVar("T")
+STORE_FAULTS = (MlflowException, SQLAlchemyError, OSError)  # OSError covers requests' connection errors too
+
+
+class StoreError(UserError):
+    """The tracking store cannot be opened or written: one line naming the store and what to do."""
+
+
 def read_run_id(model_dir: Path) -> str:
     """The MLflow run of a rung, as its train stage recorded it in models/<rung>/run.json."""
     path = model_dir / "run.json"
-    if not path.exists():
-        raise UserError(f"{path} is missing; run `dvc repro train@{model_dir.name}` first")
-    return json.loads(path.read_text())["run_id"]
+    return str(read_json(path, f"train@{model_dir.name}", "run_id"))
 
 
 def repo_root() -> Path:
@@ -62,16 +76,77 @@ def artifact_location(params: MlflowParams) -> str:
     return root if "://" in root else (repo_root() / root).as_uri()
 
 
+def _locked(err: BaseException) -> bool:
+    return "database is locked" in str(err) or "database table is locked" in str(err)
+
+
+def _missing_run(err: BaseException) -> bool:
+    return isinstance(err, MlflowException) and err.error_code == "RESOURCE_DOES_NOT_EXIST"
+
+
+def describe(err: BaseException, store: str) -> str:
+    """One line for a store fault: which store, what went wrong, what to do."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if isinstance(err, OSError) and getattr(err, "filename", None):  # the artifact root or the database's folder
+        where = err.filename
+        return (f"MLflow store {store}: cannot write {where} ({err.strerror or type(err).__name__}); "
+                "make it a writable directory or set mlflow.artifact_root")
+    if "file is not a database" in text or "file is encrypted" in text:
+        return (f"MLflow store {store}: not an SQLite database (damaged?); move it aside to start a new store, "
+                "or point mlflow.tracking_uri / MLFLOW_TRACKING_URI at another")
+    if "unable to open database file" in text or "readonly database" in text:
+        return (f"MLflow store {store}: cannot open the database for writing; check the file and its directory "
+                "are writable, or point mlflow.tracking_uri elsewhere")
+    if isinstance(err, OSError) or "Max retries exceeded" in text or "Connection refused" in text:
+        return (f"MLflow store {store}: unreachable ({type(err).__name__}); start the tracking server or fix "
+                "MLFLOW_TRACKING_URI, then rerun `dvc repro` (it resumes)")
+    return f"MLflow store {store}: {text[:300]}"
+
+
+class Store:
+    """Every call to the tracking store goes through `call`: a locked sqlite database is waited on with
+    backoff up to mlflow.lock_timeout_s; any other fault becomes one StoreError line."""
+
+    def __init__(self, params: MlflowParams):
+        self.uri, self.wait_s = tracking_uri(params), params.lock_timeout_s
+        self.client = self.call(self._open)
+
+    def _open(self) -> MlflowClient:
+        if not self.uri.startswith("sqlite:///"):
+            return MlflowClient(self.uri, self.uri)
+        # The first client of a new sqlite store creates its tables; two queued experiments doing that at
+        # once collide in the schema migration, so opening a store is serialised by a lock file beside it.
+        db = Path(self.uri.removeprefix("sqlite:///"))
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{db}.lock"):
+            c = MlflowClient(self.uri, self.uri)
+            c._tracking_client.store  # opens (and if new, creates) the database now, inside the lock
+            return c
+
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        deadline, delay = None, 1.0
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except STORE_FAULTS as err:
+                if _missing_run(err):
+                    raise
+                if not _locked(err):
+                    raise StoreError(describe(err, self.uri)) from None
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.wait_s
+                    print(f"waiting for the MLflow store {self.uri}: locked by another process "
+                          f"(up to {self.wait_s:.0f}s, mlflow.lock_timeout_s)", file=sys.stderr, flush=True)
+                if now + delay > deadline:
+                    raise StoreError(f"MLflow store {self.uri}: still locked by another process after "
+                                     f"{self.wait_s:.0f}s; let it finish or raise mlflow.lock_timeout_s") from None
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+
 def client(params: MlflowParams) -> MlflowClient:
-    uri = tracking_uri(params)
-    if not uri.startswith("sqlite:///"):
-        return MlflowClient(uri, uri)
-    # The first client of a new sqlite store creates its tables; two queued experiments doing that at
-    # once collide in the schema migration, so opening a store is serialised by a lock file beside it.
-    db = Path(uri.removeprefix("sqlite:///"))
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{db}.lock"):
-        return MlflowClient(uri, uri)
+    return Store(params).client
 
 
 @contextlib.contextmanager
@@ -97,10 +172,18 @@ def experiment_id(c: MlflowClient, params: MlflowParams) -> str:
     exp = c.get_experiment_by_name(params.experiment)
     if exp is not None:
         return exp.experiment_id
+    # a local store keeps artifacts under mlflow.artifact_root; a tracking server decides (and serves) its own
+    local = c.tracking_uri.startswith("sqlite:") or "://" not in c.tracking_uri
+    location = artifact_location(params) if local else None
     try:
-        return c.create_experiment(params.experiment, artifact_location=artifact_location(params))
-    except mlflow.exceptions.MlflowException:  # a concurrent run created it first
-        return c.get_experiment_by_name(params.experiment).experiment_id
+        if location and location.startswith("file:"):
+            Path(location.removeprefix("file://")).mkdir(parents=True, exist_ok=True)  # a bad root fails here
+        return c.create_experiment(params.experiment, artifact_location=location)
+    except MlflowException as err:  # a concurrent run created it first
+        exp = c.get_experiment_by_name(params.experiment)
+        if exp is None:
+            raise err
+        return exp.experiment_id
 
 
 def git_commit() -> str:
@@ -111,9 +194,14 @@ def git_commit() -> str:
         return "unknown"
 
 
+def workspace() -> str:
+    """The directory a stage runs in: the repository, or a DVC queue's temporary copy of it."""
+    return str(Path.cwd().resolve())
+
+
 def context_tags() -> dict[str, str]:
     """Where a run comes from: git, the DVC stage and experiment (set by `dvc repro` / `dvc exp run`)."""
-    tags = {"git_commit": git_commit()}
+    tags = {"git_commit": git_commit(), "workspace": workspace()}
     for env, tag in [("DVC_STAGE", "dvc_stage"), ("DVC_EXP_NAME", "dvc_exp_name"),
                      ("DVC_EXP_BASELINE_REV", "dvc_exp_baseline_rev")]:
         if os.environ.get(env):
@@ -122,51 +210,113 @@ def context_tags() -> dict[str, str]:
 
 
 class Run:
-    """One MLflow run; metrics are buffered and sent in one batch per flush to keep logging cheap."""
+    """One MLflow run; metrics are buffered and sent in one batch per flush to keep logging cheap.
+    Every call goes through the Store, so a fault ends as one StoreError line."""
 
-    def __init__(self, c: MlflowClient, run_id: str):
-        self.client, self.id = c, run_id
+    def __init__(self, store: Store, run_id: str, fresh: bool = True):
+        self.store, self.client, self.id, self.fresh = store, store.client, run_id, fresh
         self._buffer: list[Metric] = []
+        self._logged: dict[str, int] = {}  # key -> last step already in the store (a resumed run skips those)
 
     @classmethod
     def start(cls, params: MlflowParams, name: str, tags: dict[str, str]) -> "Run":
-        c = client(params)
-        run = c.create_run(experiment_id(c, params), run_name=name, tags={**context_tags(), **tags})
-        return cls(c, run.info.run_id)
+        store = Store(params)
+        exp = store.call(experiment_id, store.client, params)
+        run = store.call(store.client.create_run, exp, run_name=name, tags={**context_tags(), **tags})
+        return cls(store, run.info.run_id)
 
     @classmethod
-    def resume(cls, params: MlflowParams, run_id: str) -> "Run":
-        c = client(params)
-        c.update_run(run_id, status="RUNNING")
-        return cls(c, run_id)
+    def resume(cls, params: MlflowParams, run_id: str, name: str = "", tags: dict[str, str] | None = None,
+               skip_logged: bool = False) -> "Run":
+        """Reopen `run_id`. If the store no longer has it (a deleted or replaced database), start a new run
+        named `name` with `tags` and say so; without a name that is an error. skip_logged: drop metrics
+        at steps the run already holds, so a resumed training logs nothing twice."""
+        store = Store(params)
+        try:
+            store.call(store.client.update_run, run_id, status="RUNNING")
+        except MlflowException as err:
+            if not _missing_run(err):
+                raise StoreError(describe(err, store.uri)) from None
+            if not name:
+                raise StoreError(f"MLflow store {store.uri}: run {run_id} is gone; rerun `dvc repro -f` for "
+                                 "this rung to record it again") from None
+            run = cls.start(params, name, tags or {})
+            print(f"note: MLflow run {run_id} is gone from {store.uri}; continuing in a new run {run.id}",
+                  file=sys.stderr, flush=True)
+            return run
+        run = cls(store, run_id, fresh=False)
+        if skip_logged:
+            data = store.call(store.client.get_run, run_id).data
+            run._logged = {key: max((m.step for m in store.call(store.client.get_metric_history, run_id, key)),
+                                    default=-1) for key in data.metrics}
+        return run
 
     def log_params(self, flat: dict[str, Any]) -> None:
         items = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in sorted(flat.items())]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params a batch
-            self.client.log_batch(self.id, params=items[i:i + 100])
+            self.store.call(self.client.log_batch, self.id, params=items[i:i + 100])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        self.client.log_batch(self.id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.store.call(self.client.log_batch, self.id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log(self, step: int, **metrics: float) -> None:
         ts = int(time.time() * 1000)
-        self._buffer += [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        self._buffer += [Metric(k, float(v), ts, step) for k, v in metrics.items()
+                         if step > self._logged.get(k, -1)]
 
     def flush(self) -> None:
         for i in range(0, len(self._buffer), 1000):
-            self.client.log_batch(self.id, metrics=self._buffer[i:i + 1000])
+            self.store.call(self.client.log_batch, self.id, metrics=self._buffer[i:i + 1000])
         self._buffer = []
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
-        self.client.log_artifact(self.id, str(path), folder)
+        self.store.call(self.client.log_artifact, self.id, str(path), folder)
 
     def end(self, status: str = "FINISHED") -> None:
         self.flush()
-        self.client.set_terminated(self.id, status)
+        self.store.call(self.client.set_terminated, self.id, status)
 
     def metric_history(self, key: str) -> Iterator[tuple[int, float]]:
-        for m in self.client.get_metric_history(self.id, key):
+        for m in self.store.call(self.client.get_metric_history, self.id, key):
             yield m.step, m.value
+
+
+@contextlib.contextmanager
+def closed_on_failure(run: Run | None) -> Iterator[Run | None]:
+    """A block that writes to `run`: if it raises, the run ends FAILED (KILLED on Ctrl-C), never stays RUNNING.
+    Ending it is best effort: when the store itself is the fault, the original error is the one to report."""
+    try:
+        yield run
+    except BaseException as err:
+        if run is not None:
+            run._buffer = []  # a fault may lie in the buffered batch itself
+            with contextlib.suppress(*STORE_FAULTS, StoreError):
+                run.store.call(run.client.set_terminated, run.id,
+                               "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+
+
+def close_abandoned(params: MlflowParams, rung: str) -> None:
+    """Mark KILLED the RUNNING runs of `rung` that an earlier, killed process in this workspace left behind
+    (it died before its first checkpoint, so nothing resumes them)."""
+    store = Store(params)
+    exp = store.call(store.client.get_experiment_by_name, params.experiment)
+    if exp is None:
+        return
+    query = (f"tags.rung = '{rung}' and tags.workspace = '{workspace()}' and attributes.status = 'RUNNING'")
+    for r in store.call(store.client.search_runs, [exp.experiment_id], query):
+        store.call(store.client.set_terminated, r.info.run_id, "KILLED")
+
+
+def read_json(path: Path, stage: str, key: str | None = None) -> Any:
+    """A small JSON output of a stage; a missing or damaged one is one line naming the file and the fix."""
+    data = load_json(path, stage)
+    if key is not None:
+        if not isinstance(data, dict) or key not in data:
+            raise UserError(f"{path}: has no '{key}' (damaged?); restore it with `dvc checkout {stage}` "
+                            f"or rerun `dvc repro -f {stage}`")
+        return data[key]
+    return data
 
 
 # Reading runs back, for `python -m mmrec.compare`.

@@ -11,6 +11,8 @@ import contextlib
 import json
 import math
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +26,7 @@ from tqdm import tqdm
 from mmrec import checkpoint, distributed
 from mmrec.config import Params, TrainParams
 from mmrec.data import check_fits, fixed_starts, random_batch
-from mmrec.errors import UserError
+from mmrec.errors import Interrupted, UserError
 from mmrec.files import copy_atomic, sha256_file, sha256_text, write_json, write_text
 from mmrec.device import autocast, resolve_device
 from mmrec.inference import score
@@ -121,6 +123,7 @@ def fit(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, tp: TrainPar
 
     bar = tqdm(total=budget.steps, initial=progress.step, desc="train", unit="step", dynamic_ncols=True,
                disable=not group.main)
+    previous_handler = report_interrupts(progress, ckpt_dir)
     train_losses: list[float] = []
     clock = time.perf_counter()
     while progress.step < budget.steps and not progress.stopped_early:
@@ -181,7 +184,22 @@ def fit(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, tp: TrainPar
                 sink.flush()
             clock = time.perf_counter()  # evaluation time is not training throughput
     bar.close()
+    if previous_handler is not None:
+        signal.signal(signal.SIGINT, previous_handler)
     return progress
+
+
+def report_interrupts(progress: Progress, ckpt_dir: Path) -> Any:
+    """Make Ctrl-C say the step reached and where a rerun resumes; returns the handler it replaced."""
+    if threading.current_thread() is not threading.main_thread():
+        return None  # signal handlers belong to the main thread
+
+    def handler(signum: int, frame: Any) -> None:
+        saved = progress.history[-1]["step"] if progress.history else 0
+        raise Interrupted(f"interrupted at step {progress.step}; `dvc repro` resumes from step {saved} "
+                          f"({ckpt_dir / 'last.pt'})")
+
+    return signal.signal(signal.SIGINT, handler)
 
 
 def budget_for(params: Params, rung_name: str) -> Budget:
@@ -240,18 +258,17 @@ def train_rung(params: Params, rung_name: str, root: Path = Path(".")) -> dict[s
         run = open_run(params, paths, cfg, header, fp, resume, budget, count_params(model), parent_losses)
     extra = {"config": cfg.to_dict(), "fingerprint": fp, "run_id": run.id if run else "",
              "tokenizer_sha256": header["tokenizer_sha256"], "rung": rung_name}
-    try:
-        progress = fit(model, train_tokens, val_tokens, tp, budget, generator=generator, ckpt_dir=paths.ckpt,
-                       extra=extra, sink=run, resume=resume, device=device, group=group)
-    except (TrainingDiverged, KeyboardInterrupt) as err:
-        if run is not None:
-            run.end("FAILED" if isinstance(err, TrainingDiverged) else "KILLED")
-        raise
-    finally:
-        distributed.shutdown(group)
-    if run is None:
-        return None
-    metrics = write_outputs(paths, run, progress, cfg, count_params(model), params)
+    from mmrec.track import closed_on_failure
+
+    with closed_on_failure(run):  # a fault or Ctrl-C ends the run FAILED / KILLED, never left RUNNING
+        try:
+            progress = fit(model, train_tokens, val_tokens, tp, budget, generator=generator, ckpt_dir=paths.ckpt,
+                           extra=extra, sink=run, resume=resume, device=device, group=group)
+        finally:
+            distributed.shutdown(group)
+        if run is None:
+            return None
+        metrics = write_outputs(paths, run, progress, cfg, count_params(model), params)
     shutil.rmtree(paths.ckpt)  # finished: a forced rerun starts from scratch rather than resuming the end
     return metrics
 
@@ -259,7 +276,8 @@ def train_rung(params: Params, rung_name: str, root: Path = Path(".")) -> dict[s
 def resume_point(ckpt_dir: Path, fp: str, group: distributed.Group) -> dict[str, Any] | None:
     """last.pt when it was made with these very params, data and parent; a stale one is deleted."""
     last = ckpt_dir / "last.pt"
-    state = checkpoint.load(last) if last.exists() else None
+    fix = f"delete {ckpt_dir} to train this rung from step 0"
+    state = checkpoint.load(last, fix, keys=("model", "progress", "fingerprint")) if last.exists() else None
     distributed.barrier(group)  # every rank has read it before rank 0 may delete it
     if state is not None and state.get("fingerprint") == fp:
         if group.main:
@@ -275,7 +293,7 @@ def grow_into(model: torch.nn.Module, parent_best: Path, params: Params, val: np
     """Load the parent's best weights grown to `model`'s shape; return both step-0 val losses."""
     from mmrec.growth import grow_state_dict
 
-    parent = checkpoint.load(parent_best)
+    parent = checkpoint.load(parent_best, checkpoint.dvc_fix(f"train@{parent_best.parent.name}"), keys=("model", "config"))
     parent_cfg = ModelConfig.from_dict(parent["config"])
     grown = grow_state_dict(parent["model"], parent_cfg, model.cfg, noise=params.promote.growth_noise,
                             generator=torch.Generator().manual_seed(params.seed))
@@ -292,8 +310,6 @@ def open_run(params: Params, paths: RungPaths, cfg: ModelConfig, header: dict[st
     """The rung's MLflow run: the one a resumed checkpoint names, or a new one with params and tags."""
     from mmrec import track  # the only mlflow importer; loaded here so the loop itself stays light to import
 
-    if resume is not None:
-        return track.Run.resume(params.mlflow, resume["run_id"])
     rung_name = paths.rung
     rung = params.rung(rung_name)
     tags = {"rung": rung_name, "params_hash": params.digest(), "fingerprint": fp, "arch": cfg.arch,
@@ -301,7 +317,13 @@ def open_run(params: Params, paths: RungPaths, cfg: ModelConfig, header: dict[st
             "dvc_stage": f"train@{rung_name}"}
     if rung.parent:
         tags |= parent_tags(paths, rung.parent)
-    run = track.Run.start(params.mlflow, rung_name, tags)
+    if resume is not None:  # the same run, logging nothing twice (or a new one if the store lost it)
+        run = track.Run.resume(params.mlflow, resume["run_id"], rung_name, tags, skip_logged=True)
+        if not run.fresh:
+            return run
+    else:
+        track.close_abandoned(params.mlflow, rung_name)  # runs of killed attempts that never checkpointed
+        run = track.Run.start(params.mlflow, rung_name, tags)
     run.log_params(params.flat() | {"n_params": n_params, "budget.steps": budget.steps, "budget.lr": budget.lr})
     if parent_losses:
         run.log(0, **parent_losses)
@@ -340,12 +362,13 @@ def write_outputs(paths: RungPaths, run: Any, progress: Progress, cfg: ModelConf
 
 
 def parent_tags(paths: RungPaths, parent: str) -> dict[str, str]:
-    tags = {"parent_rung": parent}
-    run_file, promo_file = paths.model(parent) / "run.json", paths.model(parent) / "promotion.json"
-    if run_file.exists():
-        tags["parent_run_id"] = json.loads(run_file.read_text())["run_id"]
-    if promo_file.exists():
-        tags["parent_model_version"] = str(json.loads(promo_file.read_text()).get("model_version", ""))
+    from mmrec.files import load_json
+    from mmrec.track import read_run_id
+
+    tags = {"parent_rung": parent, "parent_run_id": read_run_id(paths.model(parent))}
+    promotion = RungPaths(paths.root, parent).promotion
+    if promotion.exists():
+        tags["parent_model_version"] = str(load_json(promotion, f"promote@{parent}").get("model_version", ""))
     return tags
 
 

@@ -55,7 +55,7 @@ TINY_PARAMS = {
     "train": {"seq_len": 32, "batch_size": 8, "max_steps": 40, "eval_every": 20, "lr": 0.01, "min_lr": 0.001, "eval_windows": 4,
               "warmup_steps": 2, "rewarmup_steps": 2, "log_every": 2, "threads": 1},
     "ladder": {"tiny": {"width": 32, "layers": 1, "memories": 2, "after": "data/tokens"},
-               "mini": {"width": 64, "layers": 2, "memories": 2, "after": "models/tiny/promotion.json"}},
+               "mini": {"width": 64, "layers": 2, "memories": 2, "after": "models/tiny/handoff.json"}},
     "evaluate": {"sample_tokens": 8, "max_tokens": 2000},
     "promote": {"baseline_margin": 0.0, "min_improvement": 0.0},
 }

@@ -23,9 +23,21 @@ def test_shipped_params_yaml_equals_schema_defaults():
     ({"model": {"arch": "lstm"}}, "model.arch = 'lstm'"),
     ({"train": {"lr": 1e-4, "min_lr": 1e-3}}, "min_lr 0.001 must not exceed lr 0.0001"),
     ({"ladder": {"a": {"width": 130, "layers": 1, "memories": 4}}}, "multiple of memories"),
-    ({"ladder": {"mini": {"width": 64, "layers": 1, "after": "models/tiny/promotion.json"}}}, "not a rung above it"),
+    ({"ladder": {"mini": {"width": 64, "layers": 1, "after": "models/tiny/handoff.json"}}}, "not a rung above it"),
     ({"ladder": {"tiny": {"width": 64, "layers": 1, "after": "somewhere"}}}, "ladder.tiny.after = 'somewhere'"),
     ({"data": {"sha256": "xyz"}}, "64 lowercase hex"),
+    ({"ladder": {"tiny": {"width": 128, "layers": 4}, "mini": {"width": 192, "layers": 6,
+                                                              "after": "models/tiny/handoff.json"}}},
+     "ladder.mini.width 192 must be an integer multiple of ladder.tiny.width 128"),
+    ({"ladder": {"tiny": {"width": 128, "layers": 4}, "mini": {"width": 256, "layers": 2,
+                                                              "after": "models/tiny/handoff.json"}}},
+     "must not be fewer than ladder.tiny.layers 4"),
+    ({"ladder": {"tiny": {"width": 128, "layers": 4}, "mini": {"width": 256, "layers": 6, "memories": 8,
+                                                              "after": "models/tiny/handoff.json"}}},
+     "must equal ladder.tiny.memories 4"),
+    ({"ladder": {"tiny": {"width": 64, "layers": 1}, "mini": {"width": 128, "layers": 1,
+                                                             "after": "models/tiny/promotion.json"}}},
+     "must be 'data/tokens' or 'models/<rung>/handoff.json'"),
 ])
 def test_bad_values_name_the_dotted_key(raw, expected):
     with pytest.raises(ParamsError) as err:

@@ -15,7 +15,7 @@ def ran(output: str) -> list[str]:
 def test_data_stages_run_once_and_a_vocab_change_reruns_only_the_tokenizer(project):
     root, set_params = project
     first = dvc(root, "repro", "tokenizer")
-    assert ran(first.stdout) == ["download", "tokenizer"]
+    assert ran(first.stdout) == ["validate", "download", "tokenizer"]
     header = json.loads((root / "data/tokens/header.json").read_text())
     assert header["vocab_size"] == 400
     assert all((root / f"data/tokens/{s}.bin").stat().st_size == 2 * header["splits"][s]["tokens"]
@@ -26,14 +26,14 @@ def test_data_stages_run_once_and_a_vocab_change_reruns_only_the_tokenizer(proje
     assert "up to date" in dvc(root, "status", "tokenizer").stdout
 
     set_params(tokenizer={"vocab_size": 420})
-    assert ran(dvc(root, "repro", "tokenizer").stdout) == ["tokenizer"]
+    assert ran(dvc(root, "repro", "tokenizer").stdout) == ["validate", "tokenizer"]  # validate: params.yaml changed
     assert json.loads((root / "data/tokens/header.json").read_text())["vocab_size"] == 420
 
 
 def test_whole_ladder_trains_grows_promotes_and_a_rerun_does_nothing(project):
     root, _ = project
     out = dvc(root, "repro")
-    assert ran(out.stdout) == ["download", "tokenizer", "train@tiny", "evaluate@tiny", "promote@tiny",
+    assert ran(out.stdout) == ["validate", "download", "tokenizer", "train@tiny", "evaluate@tiny", "promote@tiny",
                                "train@mini", "evaluate@mini", "promote@mini"]
     assert ran(dvc(root, "repro").stdout) == []
     assert "up to date" in dvc(root, "status").stdout

@@ -17,6 +17,7 @@ def root(tmp_path):
     write(tmp_path / "metrics/eval/tiny.json", {"test_bpb": 1.50, "unigram_bpb": 2.20})
     write(tmp_path / "metrics/eval/mini.json", {"test_bpb": 1.40, "unigram_bpb": 2.20})
     write(tmp_path / "models/tiny/promotion.json", {"test_bpb": 1.50, "promoted": True})
+    (tmp_path / "models/tiny/best.pt").write_bytes(b"weights")
     return tmp_path
 
 
