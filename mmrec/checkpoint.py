@@ -33,7 +33,3 @@ def load(path: str | Path, fix: str = "delete it and rerun", keys: tuple[str, ..
     return state
 
 
-def dvc_fix(stage: str) -> str:
-    """The fix for a damaged DVC output: restore the cached copy, or rebuild it."""
-    return f"restore it with `dvc checkout {stage}` or rebuild it with `dvc repro -f {stage}`"
-

@@ -16,6 +16,14 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C, with a message saying where the work stopped and how it resumes."""
 
 
+def _close_progress_bars() -> None:
+    """A bar left open by the failure would swallow the start of the error's line."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def exits_cleanly(main: F) -> F:
     """Wrap a stage's main(): a UserError prints `error: <message>` and exits 2, leaving no traceback."""
 
@@ -24,9 +32,11 @@ def exits_cleanly(main: F) -> F:
         try:
             return main(*args, **kwargs)
         except UserError as err:
+            _close_progress_bars()
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt as err:
+            _close_progress_bars()
             print(f"error: {err}" if str(err) else "error: interrupted", file=sys.stderr)
             sys.exit(130)
 

@@ -6,11 +6,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmrec import checkpoint, track
+from mmrec import track
 from mmrec.data import tiling_starts
 from mmrec.device import resolve_device
 from mmrec.errors import UserError
-from mmrec.files import write_json, write_text
+from mmrec.files import dvc_fix, write_json, write_text
 from mmrec.inference import bits_per_byte, generate, load_model, perplexity, score, text_bytes
 from mmrec.paths import RungPaths
 from mmrec.tokenizer import load_tokenizer, load_tokens, read_header
@@ -60,7 +60,7 @@ def evaluate_rung(params, rung: str, root: Path = Path(".")) -> dict[str, float]
     """Test-split metrics of a rung's best checkpoint: DVC metrics JSON, samples, and the rung's MLflow run."""
     paths = RungPaths(root, rung)
     model_dir = paths.model()
-    model, ckpt = load_model(paths.best, checkpoint.dvc_fix(f"train@{rung}"))
+    model, ckpt = load_model(paths.best, dvc_fix(f"train@{rung}"))
     if ckpt.get("tokenizer_sha256") != read_header(paths.tokens)["tokenizer_sha256"]:
         raise UserError(f"{paths.best} was trained with another tokenizer; rerun `dvc repro train@{rung}`")
     torch.set_num_threads(params.train.threads or torch.get_num_threads())

@@ -86,6 +86,11 @@ def replacing_dir(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def dvc_fix(stage: str) -> str:
+    """The fix for a damaged DVC output: every output is cached, so restore it; or rebuild it."""
+    return f"restore it with `dvc checkout --force {stage}` or rebuild it with `dvc repro -f {stage}`"
+
+
 def load_json(path: str | Path, stage: str) -> Any:
     """A JSON file that `stage` wrote: missing or damaged, one line naming the file and the fix."""
     path = Path(path)
@@ -94,8 +99,7 @@ def load_json(path: str | Path, stage: str) -> Any:
     except FileNotFoundError:
         raise UserError(f"{path} is missing; run `dvc repro {stage}` first") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{path}: not valid JSON (damaged?); restore it with `dvc checkout {stage}` "
-                        f"or rerun `dvc repro -f {stage}`") from None
+        raise UserError(f"{path}: not valid JSON (damaged?); {dvc_fix(stage)}") from None
 
 
 def write_json(path: str | Path, obj: Any) -> None:

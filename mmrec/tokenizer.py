@@ -20,7 +20,7 @@ import numpy as np
 import sentencepiece as spm
 from mmrec.config import TokenizerParams
 from mmrec.errors import UserError
-from mmrec.files import replacing, sha256_file, write_json, write_text
+from mmrec.files import dvc_fix, replacing, sha256_file, write_json, write_text
 from mmrec.paths import SPLITS
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -124,8 +124,8 @@ def load_tokenizer(model_dir_or_path: str | Path) -> spm.SentencePieceProcessor:
     try:
         return spm.SentencePieceProcessor(model_file=str(path))
     except (RuntimeError, OSError) as err:
-        raise UserError(f"{path}: not a SentencePiece model ({str(err).splitlines()[0][:120]}); restore it with "
-                        "`dvc checkout tokenizer` or rebuild it with `dvc repro -f tokenizer`") from None
+        raise UserError(f"{path}: not a SentencePiece model ({str(err).splitlines()[0][:120]}); "
+                        f"{dvc_fix('tokenizer')}") from None
 
 
 def _batches(path: Path) -> Iterator[list[str]]:
@@ -217,5 +217,5 @@ def load_tokens(tokens_dir: str | Path, split: str) -> np.memmap:
     if len(tokens) and int(tokens.max()) >= header["vocab_size"]:  # one pass over a few MB: cheap, and it
         # turns a damaged file into one line instead of an embedding IndexError mid-training
         raise UserError(f"{Path(tokens_dir) / f'{split}.bin'}: holds ids beyond vocab_size {header['vocab_size']} "
-                        "(damaged?); restore it with `dvc checkout tokenizer` or rerun `dvc repro -f tokenizer`")
+                        f"(damaged?); {dvc_fix('tokenizer')}")
     return tokens

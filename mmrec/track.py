@@ -34,7 +34,7 @@ from sqlalchemy.exc import SQLAlchemyError  # noqa: E402
 
 from mmrec.config import MlflowParams  # noqa: E402
 from mmrec.errors import UserError  # noqa: E402
-from mmrec.files import load_json  # noqa: E402
+from mmrec.files import dvc_fix, load_json  # noqa: E402
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 # The user's choice, read once: mlflow.set_tracking_uri() writes this variable itself, so reading it
@@ -313,8 +313,7 @@ def read_json(path: Path, stage: str, key: str | None = None) -> Any:
     data = load_json(path, stage)
     if key is not None:
         if not isinstance(data, dict) or key not in data:
-            raise UserError(f"{path}: has no '{key}' (damaged?); restore it with `dvc checkout {stage}` "
-                            f"or rerun `dvc repro -f {stage}`")
+            raise UserError(f"{path}: has no '{key}' (damaged?); {dvc_fix(stage)}")
         return data[key]
     return data
 

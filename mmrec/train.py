@@ -27,7 +27,7 @@ from mmrec import checkpoint, distributed
 from mmrec.config import Params, TrainParams
 from mmrec.data import check_fits, fixed_starts, random_batch
 from mmrec.errors import Interrupted, UserError
-from mmrec.files import copy_atomic, sha256_file, sha256_text, write_json, write_text
+from mmrec.files import copy_atomic, dvc_fix, sha256_file, sha256_text, write_json, write_text
 from mmrec.device import autocast, resolve_device
 from mmrec.inference import score
 from mmrec.model import ModelConfig, build_model, count_params, param_groups
@@ -293,7 +293,7 @@ def grow_into(model: torch.nn.Module, parent_best: Path, params: Params, val: np
     """Load the parent's best weights grown to `model`'s shape; return both step-0 val losses."""
     from mmrec.growth import grow_state_dict
 
-    parent = checkpoint.load(parent_best, checkpoint.dvc_fix(f"train@{parent_best.parent.name}"), keys=("model", "config"))
+    parent = checkpoint.load(parent_best, dvc_fix(f"train@{parent_best.parent.name}"), keys=("model", "config"))
     parent_cfg = ModelConfig.from_dict(parent["config"])
     grown = grow_state_dict(parent["model"], parent_cfg, model.cfg, noise=params.promote.growth_noise,
                             generator=torch.Generator().manual_seed(params.seed))
