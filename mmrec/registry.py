@@ -226,9 +226,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def table(client, name: str) -> str:
     import pandas as pd
 
+    aliases: dict[str, list[str]] = {}
+    for alias, version in client.get_registered_model(name).aliases.items():  # search omits them on versions
+        aliases.setdefault(str(version), []).append(alias)
     rows = [{"version": str(v.version), "rung": v.tags.get("rung", "-"), "test_bpb": v.tags.get("test_bpb", "-"),
              "experiment": v.tags.get("dvc_exp_name") or "-", "commit": v.tags.get("git_commit", "-")[:8],
-             "aliases": ",".join(sorted(v.aliases)) or "-",
+             "aliases": ",".join(sorted(aliases.get(str(v.version), []))) or "-",
              "created": time.strftime("%Y-%m-%d %H:%M", time.gmtime(v.creation_timestamp / 1000))}
             for v in versions(client, name)]
     for row in rows:
