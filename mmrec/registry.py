@@ -196,9 +196,11 @@ def move_champion(client, name: str, version: str, by: str, reason: str) -> None
     """Point `champion` at `version`, recording on it who moved it, when, why and from which version."""
     previous = holder(client, name, CHAMPION)
     client.set_registered_model_alias(name, CHAMPION, version)
-    set_tags(client, name, version, {
-        "champion.previous": previous["version"] if previous else "", "champion.set_by": by,
-        "champion.set_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "champion.reason": reason})
+    tags = {"champion.set_by": by, "champion.set_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "champion.reason": reason}
+    if previous is None or previous["version"] != version:  # re-setting the champion keeps what it replaced
+        tags["champion.previous"] = previous["version"] if previous else ""
+    set_tags(client, name, version, tags)
 
 
 # The command line: list versions, move champion by hand.
