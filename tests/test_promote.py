@@ -117,8 +117,9 @@ def registry_state(params):
     from mmrec import track
 
     c = MlflowClient(track.tracking_uri(params.mlflow))
-    return [(str(v.version), sorted(v.aliases), v.tags.get("checkpoint_sha256"))
-            for m in c.search_registered_models() for v in c.search_model_versions(f"name='{m.name}'")]
+    versions = [c.get_model_version(m.name, v.version)  # search leaves out the aliases
+                for m in c.search_registered_models() for v in c.search_model_versions(f"name='{m.name}'")]
+    return sorted((str(v.version), sorted(v.aliases), v.tags.get("checkpoint_sha256")) for v in versions)
 
 
 def test_a_rejected_first_rung_leaves_the_next_to_the_baseline_margin(workdir):
@@ -205,3 +206,25 @@ def test_a_bad_checkpoint_stops_promote_with_one_line_and_leaves_the_registry_al
     assert not marker.exists()
     assert registry_state(params) == before
     assert not (workdir / "models/mini/promotion.json").exists()
+
+
+def test_champion_stays_on_another_test_split_unless_forced(workdir):
+    from mmrec.promote import promote_rung
+
+    params = tiny_params(workdir)
+    rung_with_checkpoint(workdir, params, "tiny", 1.5)
+    promote_rung(params, "tiny", workdir)
+    header_file = workdir / "data/tokens/header.json"
+    header = json.loads(header_file.read_text())
+    header_file.write_text(json.dumps(header | {"data_sha256": "ab" * 32}))  # the test split changed since v1
+    rung_with_checkpoint(workdir, params, "mini", 1.2, seed=1)
+    d = promote_rung(params, "mini", workdir)
+    assert d.promoted and d.model_version == "2" and not d.champion
+    assert d.champion_reason.startswith(f"stayed: v1 was measured on another test split (data {header['data_sha256'][:12]}")
+    assert json.loads((workdir / "models/mini/promotion.json").read_text())["champion_reason"] == d.champion_reason
+    assert ("1", ["champion", "tiny"]) in [(v, a) for v, a, _ in registry_state(params)]
+
+    forced = tiny_params(workdir, promote={"force_champion": True})
+    d = promote_rung(forced, "mini", workdir)  # the same checkpoint: version 2 again, now champion
+    assert d.model_version == "2" and d.champion and "moved anyway (promote.force_champion)" in d.champion_reason
+    assert ("2", ["champion", "mini"]) in [(v, a) for v, a, _ in registry_state(params)]

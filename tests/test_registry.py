@@ -129,6 +129,8 @@ def test_list_set_champion_and_rollback_by_hand(workdir, capsys):
     code, out, _ = cli(capsys, *flags, "rollback", "--reason", "false alarm")
     assert code == 0 and out == "mmrec@champion -> v2 (was v1): false alarm\n"
     assert str(c.get_model_version_by_alias("mmrec", "champion").version) == "2"
+    assert cli(capsys, *flags, "set-champion", "2", "--reason", "again")[0] == 0  # keeps what v2 replaced
+    assert cli(capsys, *flags, "rollback", "--reason", "undo")[1] == "mmrec@champion -> v1 (was v2): undo\n"
 
     for args, message in [(["set-champion", "7", "--reason", "x"], "mmrec has no version '7'; it has: 1, 2"),
                           (["set-champion", "1"], "the following arguments are required: --reason"),
