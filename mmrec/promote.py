@@ -50,7 +50,7 @@ class Decision:
     model_version: str = ""
     champion: bool = False  # whether `champion` points at this version after the decision
     champion_reason: str = ""
-    aliases: dict[str, str] = field(default_factory=dict)  # alias -> "moved: why" / "stayed: why"
+    aliases: dict[str, str] = field(default_factory=dict)  # alias -> "moved: why" / "stayed: why" / "kept: ..."
 
 
 def read_json(path: Path, hint: str) -> dict:
@@ -209,19 +209,19 @@ def publish(run, d: Decision, params: Params, paths: RungPaths) -> None:
         for alias in [registry.CHAMPION, rung]:
             current = registry.holder(c, name, alias)
             if current is not None and current["version"] == version:
-                moved, why = True, f"v{version} is {alias} already"
-            else:
-                moved, why = alias_rule(alias, d.test_bpb, d.data_sha256, current, p)
-                if moved and alias == registry.CHAMPION:
-                    registry.move_champion(c, name, version, f"{registry.who()} via promote@{rung}", why)
-                elif moved:
-                    c.set_registered_model_alias(name, alias, version)
+                d.aliases[alias] = f"kept: v{version} is {alias} already"
+                continue
+            moved, why = alias_rule(alias, d.test_bpb, d.data_sha256, current, p)
+            if moved and alias == registry.CHAMPION:
+                registry.move_champion(c, name, version, f"{registry.who()} via promote@{rung}", why)
+            elif moved:
+                c.set_registered_model_alias(name, alias, version)
             d.aliases[alias] = f"{'moved' if moved else 'stayed'}: {why}"
         if d.dvc_exp_name:
             alias = exp_alias(d.dvc_exp_name)
             c.set_registered_model_alias(name, alias, version)
             d.aliases[alias] = "moved: the experiment's own alias"
-        d.champion = d.aliases[registry.CHAMPION].startswith("moved")
+        d.champion = not d.aliases[registry.CHAMPION].startswith("stayed")
         d.champion_reason = d.aliases[registry.CHAMPION]
         registry.set_tags(c, name, version, {"champion.decision": d.champion_reason})
 

@@ -151,7 +151,7 @@ def test_a_rerun_on_the_same_checkpoint_reuses_its_version_and_keeps_the_handoff
     handoff = (workdir / "models/tiny/handoff.json").read_bytes()
     again = tiny_params(workdir, promote={"baseline_margin": 0.3})  # a new threshold, the same weights
     d = promote_rung(again, "tiny", workdir)
-    assert d.model_version == "1" and d.aliases["champion"] == "moved: v1 is champion already"
+    assert d.model_version == "1" and d.aliases["champion"] == "kept: v1 is champion already"
     assert "2.2000) - baseline_margin 0.3" in json.loads((workdir / "models/tiny/promotion.json").read_text())["reason"]
     assert (workdir / "models/tiny/handoff.json").read_bytes() == handoff
     assert [v for v, _, _ in registry_state(params)] == ["1"]
