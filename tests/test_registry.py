@@ -28,13 +28,16 @@ def store(params) -> tuple[str, MlflowClient]:
 
 
 def local_generate(paths, prompt, n):
+    """Greedy text from the checkpoint itself; asserts that all n tokens came (no early end of document)."""
     from mmrec.inference import generate, load_model
     from mmrec.tokenizer import load_tokenizer
 
     model, _ = load_model(paths.best)
     sp = load_tokenizer(paths.tokenizer)
     ids = sp.encode(prompt)
-    return sp.decode(ids + generate(model, ids, n, greedy=True, eos_id=sp.eos_id()))
+    new = generate(model, ids, n, greedy=True, eos_id=sp.eos_id())
+    assert len(new) == n
+    return sp.decode(ids + new)
 
 
 def test_a_version_holds_the_weights_once_its_tags_and_a_link_to_its_logged_model(workdir, monkeypatch):
