@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from mmrec.config import PARAMS_FILE, MlflowParams, load_params
 from mmrec.errors import UserError, exits_cleanly
 from mmrec.files import replacing
 
@@ -116,24 +115,12 @@ def write_plot(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
         overlay(curves, image, ylabel="val loss (nats / token)")
 
 
-def store_settings(args: argparse.Namespace) -> tuple[str, str]:
-    """(tracking URI, experiment): flags first, then params.yaml, then the schema's defaults."""
-    from mmrec import track
-
-    mlflow_params = load_params().mlflow if PARAMS_FILE.exists() else MlflowParams()
-    uri = args.tracking_uri or track.tracking_uri(mlflow_params)
-    store = track.local_store(uri)
-    if store is not None and not store.exists():  # reading a missing store would create an empty one
-        raise UserError(f"no MLflow store at {store} (tracking URI {uri}); train a rung first or pass --tracking-uri")
-    return uri, args.experiment or mlflow_params.experiment
-
-
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from mmrec import track  # mlflow is slow to import: only once the arguments are known to be good
 
-    uri, experiment = store_settings(args)
+    uri, experiment = track.store_settings(args.tracking_uri, args.experiment)
     runs = track.runs_frame(uri, experiment)
     if runs is None:
         raise UserError(f"--experiment {experiment!r}: not in {uri}; it has: {', '.join(track.experiment_names(uri))}")

@@ -165,6 +165,7 @@ class PromoteParams(Section):
     on_reject: Literal["fail", "continue"] = "fail"
     registered_model: Annotated[str, Field(min_length=1)] = "mmrec"
     growth_noise: Annotated[float, Field(ge=0, le=1)] = 0.0
+    force_champion: bool = False  # move champion to a version measured on another test split (bpb do not compare)
 
 
 class MlflowParams(Section):

@@ -1,58 +1,280 @@
-"""The model registry: a promoted checkpoint logged as a pyfunc text generator and registered as a version."""
+"""The model registry: promoted checkpoints as pyfunc text generators, their versions, tags and aliases.
+
+    python -m mmrec.registry list                                   # every version side by side
+    python -m mmrec.registry set-champion 3 --reason "v4 repeats itself"
+    python -m mmrec.registry rollback --reason "undo"               # champion back to the one it replaced
+
+A version stores best.pt, the tokenizer and the few mmrec modules the model imports, once: the pyfunc
+wrapper holds no weights and reads them in load_context through the weights-only loader.
+"""
 from __future__ import annotations
 
+import argparse
+import ast
+import contextlib
+import getpass
 import logging
+import shutil
+import sys
+import time
 from pathlib import Path
+from typing import Any, Iterator
 
 import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from mmrec.inference import generate, load_model
-from mmrec.tokenizer import load_tokenizer
-from mmrec.track import Run, fluent_store
+from mmrec.errors import UserError, exits_cleanly
+
+PACKAGE = Path(__file__).resolve().parent
+# predict's params: default, lowest and highest allowed value. The signature carries the defaults;
+# predict checks the range, so a served model answers HTTP 400 naming the param.
+GENERATION: dict[str, tuple[int | float, int | float, int | float]] = {
+    "max_new_tokens": (40, 1, 2048),
+    "temperature": (0.0, 0.0, 10.0),  # 0: greedy
+    "top_k": (0, 0, 65535),  # 0: every token
+    "seed": (0, 0, 2**32 - 1),  # sampling is reproducible: prompt i draws from seed + i
+}
+DEFAULTS = {name: spec[0] for name, spec in GENERATION.items()}
+CHAMPION = "champion"
+
+
+def generation_params(params: dict[str, Any] | None) -> dict[str, Any]:
+    """The params of one predict call, defaults filled in; an out-of-range value raises INVALID_PARAMETER_VALUE."""
+    out = {}
+    for name, (default, lo, hi) in GENERATION.items():
+        value = (params or {}).get(name)
+        value = default if value is None else value
+        kind = type(default)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and lo <= value <= hi
+        if not ok or (kind is int and value != int(value)):
+            what = "an integer" if kind is int else "a number"
+            raise MlflowException(f"param {name} = {value!r}: must be {what} in [{lo}, {hi}]", INVALID_PARAMETER_VALUE)
+        out[name] = kind(value)
+    return out
 
 
 class MMRecPyfunc(mlflow.pyfunc.PythonModel):
-    """`models:/<name>@champion` as a text generator: a list of prompts in, each continued greedily out
-    (params={"max_new_tokens": N}, 40 by default)."""
+    """`models:/<name>@champion` as a text generator: a list of prompts in, each continued out. Params:
+    max_new_tokens (40), temperature (0: greedy), top_k (0: off), seed; generation stops early at EOS."""
 
     def load_context(self, context) -> None:
-        self.model, _ = load_model(context.artifacts["checkpoint"])
-        self.sp = load_tokenizer(context.artifacts["tokenizer"])
+        import sentencepiece as spm
 
-    def predict(self, context, model_input: list[str], params: dict | None = None) -> list[str]:
-        n = int((params or {}).get("max_new_tokens", 40))
+        from mmrec.inference import load_model
+
+        self.model, _ = load_model(context.artifacts["checkpoint"])  # weights only: a planted pickle never runs
+        self.sp = spm.SentencePieceProcessor(model_file=context.artifacts["tokenizer"])
+
+    def __getstate__(self) -> dict:
+        return {}  # mlflow tries the model on the input example, then pickles it: keep the weights out
+
+    def predict(self, context, model_input: list[str], params: dict[str, Any] | None = None) -> list[str]:
+        import torch
+
+        from mmrec.inference import generate
+
+        p = generation_params(params)
         out = []
-        for prompt in model_input:
+        for i, prompt in enumerate(model_input):
             ids = self.sp.encode(prompt)
-            out.append(self.sp.decode(ids + generate(self.model, ids, n, greedy=True, eos_id=self.sp.eos_id())))
+            new = generate(self.model, ids, p["max_new_tokens"], greedy=p["temperature"] == 0,
+                           temperature=p["temperature"] or 1.0, top_k=p["top_k"],
+                           generator=torch.Generator().manual_seed(p["seed"] + i), eos_id=self.sp.eos_id())
+            out.append(self.sp.decode(ids + new))
         return out
 
 
-def register(run: Run, name: str, checkpoint: Path, tokenizer: Path, aliases: list[str]) -> str:
-    """Log the checkpoint as a pyfunc model in `run`, register it as a new version of `name`, point the aliases at it."""
-    code = Path(__file__).resolve().parent  # the mmrec package travels with the model
-    # the wrapper holds no state (weights travel as artifacts), so pickling it is safe: quiet that warning
-    logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
-    # the whole block runs against this store: the registry looks the logged model up through a default client
-    with fluent_store(run.client.tracking_uri):
+def served_modules(start: tuple[str, ...] = ("registry", "inference")) -> set[str]:
+    """The mmrec modules a served model imports: `start` and whatever their top-level imports pull in."""
+    todo, seen = list(start), set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for node in ast.parse((PACKAGE / f"{name}.py").read_text()).body:
+            if isinstance(node, ast.ImportFrom) and node.module == "mmrec":
+                todo += [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mmrec."):
+                todo.append(node.module.split(".")[1])
+    return seen
+
+
+def register(run, name: str, checkpoint: Path, tokenizer: Path, *, tags: dict[str, str], description: str,
+             metrics: dict[str, float]) -> str:
+    """Log the checkpoint as a pyfunc model of `run` carrying `metrics`, register it as a new version of `name`
+    linked to that logged model, with `tags` and a one-line `description`. Returns the version number."""
+    from mmrec.track import fluent_store
+
+    logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)  # the pickled wrapper is stateless: no warning
+    with fluent_store(run.client.tracking_uri), _served_code() as code:
         with mlflow.start_run(run_id=run.id):
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=MMRecPyfunc(), code_paths=[str(code)],
-                input_example=(["In the beginning"], {"max_new_tokens": 4}),  # input and params: the signature
+                input_example=(["In the beginning"], DEFAULTS),  # input and params: the signature and its defaults
                 artifacts={"checkpoint": str(checkpoint), "tokenizer": str(tokenizer)},
-                pip_requirements=[f"torch=={_version('torch')}", f"sentencepiece=={_version('sentencepiece')}",
-                                  f"numpy=={_version('numpy')}", f"pydantic=={_version('pydantic')}"])
-        try:
-            run.client.create_registered_model(name)
-        except mlflow.exceptions.MlflowException:
-            pass  # it exists already (or a concurrent promotion made it)
-        version = run.client.create_model_version(name, info.model_uri, run_id=run.id).version
-        for alias in aliases:
-            run.client.set_registered_model_alias(name, alias, version)
+                pip_requirements=[f"{p}=={_version(p)}" for p in ("torch", "sentencepiece", "numpy", "pydantic")])
+            mlflow.log_metrics(metrics, model_id=info.model_id)
+        # through models:/<model_id>, so the version knows its logged model and the model lists the version
+        version = mlflow.register_model(info.model_uri, name, tags=tags | {"model_id": info.model_id}).version
+    run.client.update_model_version(name, version, description=description)
     return str(version)
+
+
+@contextlib.contextmanager
+def _served_code() -> Iterator[Path]:
+    """A temporary copy of the mmrec package holding only the modules a served model imports."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        code = Path(tmp) / "mmrec"
+        code.mkdir()
+        for name in ["__init__", *sorted(served_modules())]:
+            shutil.copy(PACKAGE / f"{name}.py", code / f"{name}.py")
+        yield code
 
 
 def _version(package: str) -> str:
     from importlib.metadata import version
 
     return version(package)
+
+
+@contextlib.contextmanager
+def locked(tracking_uri: str) -> Iterator[None]:
+    """One promotion at a time reads and moves the aliases: queued experiments promote concurrently."""
+    from mmrec.track import local_store
+
+    store = local_store(tracking_uri)
+    if store is None or not tracking_uri.startswith("sqlite:"):
+        yield  # a server: its own transactions are all we have
+        return
+    from filelock import FileLock
+
+    with FileLock(f"{store}.registry.lock"):
+        yield
+
+
+def versions(client, name: str) -> list:
+    """Every version of `name`, oldest first (none when the model is not registered)."""
+    return sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
+
+
+def with_checkpoint(client, name: str, sha256: str) -> str | None:
+    """The version already holding a checkpoint with this sha256: a rerun reuses it instead of registering again."""
+    return next((str(v.version) for v in versions(client, name) if v.tags.get("checkpoint_sha256") == sha256), None)
+
+
+def holder(client, name: str, alias: str) -> dict[str, Any] | None:
+    """The version `alias` points at: its number, test bits per byte and test split (data sha256), or None."""
+    try:
+        v = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+    bpb, data = v.tags.get("test_bpb"), v.tags.get("data_sha256", "")
+    if bpb is None and v.run_id:  # registered before versions were tagged: the run has both
+        run = client.get_run(v.run_id).data
+        bpb = run.metrics.get("test/bpb", run.metrics.get("test_bpb"))
+        data = run.tags.get("data_sha256", "")
+    return {"version": str(v.version), "test_bpb": None if bpb is None else float(bpb), "data_sha256": data}
+
+
+def set_tags(client, name: str, version: str, tags: dict[str, Any]) -> None:
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+
+
+def who() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no login name (some containers)
+        return "unknown"
+
+
+def move_champion(client, name: str, version: str, by: str, reason: str) -> None:
+    """Point `champion` at `version`, recording on it who moved it, when, why and from which version."""
+    previous = holder(client, name, CHAMPION)
+    client.set_registered_model_alias(name, CHAMPION, version)
+    tags = {"champion.set_by": by, "champion.set_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "champion.reason": reason}
+    if previous is None or previous["version"] != version:  # re-setting the champion keeps what it replaced
+        tags["champion.previous"] = previous["version"] if previous else ""
+    set_tags(client, name, version, tags)
+
+
+# The command line: list versions, move champion by hand.
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, like every other user mistake
+        raise UserError(f"{self.prog}: {message}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = _Parser(prog="python -m mmrec.registry", description="The model registry: list versions, move champion.")
+    p.add_argument("--model", help="registered model (default: params.yaml promote.registered_model)")
+    p.add_argument("--tracking-uri", help="MLflow store (default: params.yaml mlflow.tracking_uri / MLFLOW_TRACKING_URI)")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="every version: rung, test bpb, experiment, commit, aliases, created")
+    s = sub.add_parser("set-champion", help="point champion at a version")
+    s.add_argument("version")
+    s.add_argument("--reason", required=True, help="why: kept as a tag on the version")
+    r = sub.add_parser("rollback", help="point champion back at the version it replaced (or --to VERSION)")
+    r.add_argument("--to", dest="version", help="this version instead")
+    r.add_argument("--reason", required=True, help="why: kept as a tag on the version")
+    return p.parse_args(argv)
+
+
+def table(client, name: str) -> str:
+    import pandas as pd
+
+    aliases: dict[str, list[str]] = {}
+    for alias, version in client.get_registered_model(name).aliases.items():  # search omits them on versions
+        aliases.setdefault(str(version), []).append(alias)
+    rows = [{"version": str(v.version), "rung": v.tags.get("rung", "-"), "test_bpb": v.tags.get("test_bpb", "-"),
+             "experiment": v.tags.get("dvc_exp_name") or "-", "commit": v.tags.get("git_commit", "-")[:8],
+             "aliases": ",".join(sorted(aliases.get(str(v.version), []))) or "-",
+             "created": time.strftime("%Y-%m-%d %H:%M", time.gmtime(v.creation_timestamp / 1000))}
+            for v in versions(client, name)]
+    for row in rows:
+        if row["test_bpb"] != "-":
+            row["test_bpb"] = f"{float(row['test_bpb']):.4f}"
+    return pd.DataFrame(rows).to_string(index=False)
+
+
+@exits_cleanly
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from mlflow import MlflowClient
+
+    from mmrec.config import PARAMS_FILE, load_params
+    from mmrec.track import store_settings
+
+    uri, _ = store_settings(args.tracking_uri, None)
+    name = args.model or (load_params().promote.registered_model if PARAMS_FILE.exists() else "mmrec")
+    client = MlflowClient(uri, uri)
+    known = versions(client, name)
+    if not known:
+        raise UserError(f"no versions of registered model {name!r} in {uri}; promote a rung first (dvc repro)")
+    if args.command == "list":
+        print(table(client, name))
+        return 0
+    numbers = [str(v.version) for v in known]
+    current = holder(client, name, CHAMPION)
+    target = args.version
+    if target is None:  # rollback: the version the current champion replaced
+        previous = client.get_model_version(name, current["version"]).tags.get("champion.previous") if current else ""
+        if not previous:
+            raise UserError(f"{name}@{CHAMPION} records no earlier champion; use --to VERSION")
+        target = previous
+    if target not in numbers:
+        raise UserError(f"{name} has no version {target!r}; it has: {', '.join(numbers)}")
+    with locked(uri):
+        move_champion(client, name, target, f"{who()} via {args.command}", args.reason)
+    was = f" (was v{current['version']})" if current else ""
+    print(f"{name}@{CHAMPION} -> v{target}{was}: {args.reason}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,7 +7,6 @@ whole story (params, curves, test metrics, the gate) sits in one place in `mlflo
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import subprocess
@@ -296,6 +295,15 @@ def closed_on_failure(run: Run | None) -> Iterator[Run | None]:
         raise
 
 
+@contextlib.contextmanager
+def faults_as_errors(store: str) -> Iterator[None]:
+    """For a block of direct client calls (the registry's): a store fault becomes one StoreError line."""
+    try:
+        yield
+    except STORE_FAULTS as err:
+        raise StoreError(describe(err, store)) from None
+
+
 def close_abandoned(params: MlflowParams, rung: str) -> None:
     """Mark KILLED the RUNNING runs of `rung` that an earlier, killed process in this workspace left behind
     (it died before its first checkpoint, so nothing resumes them)."""
@@ -352,3 +360,16 @@ def metric_histories(uri: str, run_ids: list[str], key: str) -> dict[str, list[t
     c = MlflowClient(uri)
     return {rid: [(m.step, m.value) for m in sorted(c.get_metric_history(rid, key), key=lambda m: (m.step, m.timestamp))]
             for rid in run_ids}
+
+
+def store_settings(tracking_uri_flag: str | None, experiment_flag: str | None) -> tuple[str, str]:
+    """For the commands that read the store: (tracking URI, experiment), from their flags first, then
+    params.yaml, then the schema's defaults; a local store that does not exist is an error, not created."""
+    from mmrec.config import PARAMS_FILE, load_params
+
+    mlflow_params = load_params().mlflow if PARAMS_FILE.exists() else MlflowParams()
+    uri = tracking_uri_flag or tracking_uri(mlflow_params)
+    store = local_store(uri)
+    if store is not None and not store.exists():  # reading a missing store would create an empty one
+        raise UserError(f"no MLflow store at {store} (tracking URI {uri}); train a rung first or pass --tracking-uri")
+    return uri, experiment_flag or mlflow_params.experiment
