@@ -8,7 +8,7 @@ import yaml
 from mmrec.config import PromoteParams
 from mmrec.errors import UserError
 from mmrec.promote import alias_rule, decide
-from tests.conftest import REPO, TINY_PARAMS, deep_merge, tiny_params
+from tests.conftest import REPO, TINY_PARAMS, tiny_params
 
 THREE_RUNGS = {"ladder": {**TINY_PARAMS["ladder"],
                           "small": {"width": 128, "layers": 2, "memories": 2, "after": "models/mini/promotion.json"}}}
