@@ -11,7 +11,7 @@ from mmrec.promote import alias_rule, decide
 from tests.conftest import REPO, TINY_PARAMS, tiny_params
 
 THREE_RUNGS = {"ladder": {**TINY_PARAMS["ladder"],
-                          "small": {"width": 128, "layers": 2, "memories": 2, "after": "models/mini/promotion.json"}}}
+                          "small": {"width": 128, "layers": 2, "memories": 2, "after": "models/mini/handoff.json"}}}
 
 
 def write(path, obj):
