@@ -41,6 +41,8 @@ def _probe_fla() -> bool:
 
 
 FLA_AVAILABLE = _probe_fla()
+if FLA_AVAILABLE:  # imported here, not inside hgrn_scan, so that torch.compile never traces an import
+    from fla.ops.hgrn import chunk_hgrn, fused_recurrent_hgrn
 REQUESTED = os.environ.get("MMREC_SCAN", "auto")
 
 
@@ -67,8 +69,6 @@ def hgrn_scan(log_gamma: torch.Tensor, b: torch.Tensor,
     chunk_hgrn is the fast one but returns no gradient for h0 and drops the final state's gradient;
     fused_recurrent_hgrn has both. h_last is read off h here, so its gradient flows through h either way:
     only a differentiable h0 needs the recurrent kernel."""
-    from fla.ops.hgrn import chunk_hgrn, fused_recurrent_hgrn
-
     out_dtype = b.dtype
     g, x = log_gamma.float(), b.float()
     h0 = None if h0 is None else h0.float()
