@@ -216,6 +216,5 @@ def test_cuda_fused_model_matches_our_scan_on_cuda(monkeypatch):
         out = model(idx, idx)
         out.loss.backward()
         runs[backend] = (out.logits.detach(), [p.grad.clone() for p in model.parameters()])
-    torch.testing.assert_close(runs["fla"][0], runs["torch"][0], rtol=1e-4, atol=1e-4)
-    for a, b in zip(runs["fla"][1], runs["torch"][1]):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    for a, b in zip([runs["fla"][0], *runs["fla"][1]], [runs["torch"][0], *runs["torch"][1]]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5 * float(b.abs().max()))

@@ -152,7 +152,8 @@ def test_cuda_fused_scan_matches_the_float64_sequential_scan(T, h0_kind, lo):
     assert got[0].dtype == torch.float32
     for name, a, r in [("h", got[0], ref[0]), ("h_last", got[1], ref[1])] + \
                       [(f"grad {i}", a, r) for i, (a, r) in enumerate(zip(got[2], ref[2]))]:
-        torch.testing.assert_close(a.double().cpu(), r.detach(), rtol=1e-4, atol=1e-4, msg=name)
+        r = r.detach()  # fp32 against float64: relative to each tensor's scale, as long sums cancel in places
+        torch.testing.assert_close(a.double().cpu(), r, rtol=1e-4, atol=1e-5 * float(r.abs().max()), msg=name)
     assert len(got[2]) == len(ref[2])  # h0's gradient too, when h0 is trained
 
 
