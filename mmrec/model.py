@@ -154,7 +154,8 @@ class MMRecBlock(nn.Module):
         f = f.repeat(D // self.memories)  # channel c -> memory c % M
         b = (1 - f) * torch.sigmoid(-a) * z * torch.sigmoid(g)  # (1 - gamma) without cancellation
         if scan_backend(x.device.type) == "fla":
-            log_gamma = torch.logaddexp(torch.log(f), torch.log1p(-f) + F.logsigmoid(a.to(torch.promote_types(a.dtype, torch.float32))))
+            a = a.float() if a.dtype in (torch.float16, torch.bfloat16) else a  # log gamma near 0 needs fp32
+            log_gamma = torch.logaddexp(torch.log(f), torch.log1p(-f) + F.logsigmoid(a))
             h, h_last = hgrn_scan(log_gamma, b, h0)
         else:  # gamma >= f >= min_floor, which scan_chunk was picked for: no check needed
             gamma = f + (1 - f) * torch.sigmoid(a)

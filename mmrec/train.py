@@ -440,10 +440,13 @@ def parent_tags(paths: RungPaths, parent: str) -> dict[str, str]:
 
 
 def run_speed(run: Any) -> dict[str, float]:
-    """Median training throughput, from the run's own history (kept out of the bit-reproducible metrics)."""
+    """Median training throughput and MFU, from the run's own history (kept out of the bit-reproducible metrics)."""
     run.flush()
-    values = [v for _, v in run.metric_history("tokens_per_s")]
-    return {"tokens_per_s": float(np.median(values)) if values else 0.0}
+    medians = {}
+    for name, key in [("tokens_per_s", "tokens_per_s"), ("mfu", "perf/mfu")]:
+        values = [v for _, v in run.metric_history(key)]
+        medians[name] = float(np.median(values)) if values else 0.0
+    return medians
 
 
 def write_curve(path: Path, history: list[dict[str, float]]) -> None:

@@ -104,13 +104,15 @@ def test_train_rung_logs_params_metrics_and_artifacts_to_mlflow(workdir):
     assert run.data.params["ladder.tiny.width"] == "32"
     assert run.data.tags["rung"] == "tiny" and run.data.tags["params_hash"] == params.digest()
     assert run.data.tags["tokenizer_sha256"]
-    for key in ["train_loss", "lr", "grad_norm", "tokens_per_s"]:
+    for key in ["train_loss", "lr", "grad_norm", "tokens_per_s", "perf/mfu", "opt/skipped_steps"]:
         assert len(client.get_metric_history(run_id, key)) == params.train.max_steps, key
     assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [20, 40]
     assert run.data.metrics["best_val_loss"] == pytest.approx(metrics["best_val_loss"])
     artifacts = {a.path for folder in ["plots", "tokenizer", "checkpoint"] for a in client.list_artifacts(run_id, folder)}
     assert artifacts == {"plots/tiny_curves.png", "tokenizer/spm.model", "checkpoint/best.pt"}
 
+    speed = json.loads((workdir / "metrics/speed/tiny.json").read_text())
+    assert speed["tokens_per_s"] > 0 and 0 < speed["mfu"] < 1
     saved = json.loads((workdir / "metrics/train/tiny.json").read_text())
     assert saved["best_val_loss"] == metrics["best_val_loss"] and saved["n_params"] > 0
     assert (workdir / "metrics/curves/tiny.csv").read_text().splitlines()[0] == "step,train_loss,val_loss,lr"
