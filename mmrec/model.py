@@ -114,7 +114,8 @@ class FeedForward(nn.Module):
 
 
 def uboo_loss(predict: nn.Linear, h: torch.Tensor) -> torch.Tensor:
-    """|| P(h_t) - stopgrad(h_{t+1}) ||^2 over the target's variance: the target is never trained by it."""
+    """mean_t || P(h_t) - stopgrad(h_{t+1}) ||^2 over the target's total variance (the design note's per-layer
+    term, i.e. a normalised mean squared error); the target is never trained by it."""
     target = h[:, 1:].detach()
     err = (predict(h[:, :-1]) - target).pow(2).mean()
     return err / (target.var(correction=0) + 1e-12)
