@@ -128,33 +128,42 @@ def test_the_cpu_always_gets_our_scan():
 needs_fla = pytest.mark.skipif(not FLA_AVAILABLE, reason="needs CUDA and fla (pip install -r requirements-gpu.txt)")
 
 
+def check_log_space_scan(scan, device: str, T: int, h0_kind: str, lo: float, rtol: float = 1e-4) -> None:
+    """`scan(log_gamma, b, h0)` in fp32 on `device` against the float64 sequential scan: h, h_last and the
+    gradients of a loss weighing every output (and the last state) differently, h0's too when it is trained."""
+    g = torch.Generator().manual_seed(T)
+    log_gamma = torch.log(lo + (1 - lo) * torch.rand(2, T, 64, generator=g, dtype=torch.float64))
+    b = torch.randn(2, T, 64, generator=g, dtype=torch.float64)
+    h0 = None if h0_kind == "none" else torch.randn(2, 64, generator=g, dtype=torch.float64)
+    w, v = torch.randn(2, T, 64, generator=g, dtype=torch.float64), torch.randn(2, 64, generator=g, dtype=torch.float64)
+
+    def run(scan, device, dtype):
+        leaves = [t.detach().to(device, dtype).clone().requires_grad_(i < 2 or h0_kind == "trained")
+                  for i, t in enumerate((log_gamma, b) + (() if h0 is None else (h0,)))]
+        h, last = scan(*leaves)
+        ((h * w.to(device, dtype)).sum() + (last * v.to(device, dtype)).sum()).backward()
+        return [h, last] + [t.grad for t in leaves if t.requires_grad]
+
+    ref = run(lambda lg, bb, *s: sequential_scan(lg.exp(), bb, *s), "cpu", torch.float64)
+    got = run(scan, device, torch.float32)
+    assert got[0].dtype == torch.float32 and len(got) == len(ref) == 4 + (h0_kind == "trained")
+    for name, a, r in zip(["h", "h_last", "d log_gamma", "d b", "d h0"], got, ref):
+        r = r.detach()  # fp32 against float64: relative to each tensor's scale, as long sums cancel in places
+        torch.testing.assert_close(a.double().cpu(), r, rtol=rtol, atol=1e-5 * float(r.abs().max()), msg=name)
+
+
+@pytest.mark.parametrize("h0_kind", ["none", "fixed", "trained"])
+def test_the_parity_check_itself_on_the_cpu(h0_kind):
+    """The harness of the CUDA test below, with our scan standing in for the kernel: it runs everywhere."""
+    check_log_space_scan(lambda lg, b, *h0: linear_scan(lg.exp(), b, *h0, chunk_size=32), "cpu", 300, h0_kind, 0.5)
+
+
 @needs_fla
 @pytest.mark.parametrize("T", [1, 100, 1000, 4096])
 @pytest.mark.parametrize("h0_kind", ["none", "fixed", "trained"])  # trained: fused_recurrent_hgrn, else chunk_hgrn
 @pytest.mark.parametrize("lo", [0.5, 1e-3])
 def test_cuda_fused_scan_matches_the_float64_sequential_scan(T, h0_kind, lo):
-    g = torch.Generator().manual_seed(T)
-    log_gamma = torch.log(lo + (1 - lo) * torch.rand(2, T, 64, generator=g, dtype=torch.float64))
-    b = torch.randn(2, T, 64, generator=g, dtype=torch.float64)
-    h0 = None if h0_kind == "none" else torch.randn(2, 64, generator=g, dtype=torch.float64)
-    w = torch.randn(2, T, 64, generator=g, dtype=torch.float64)
-    v = torch.randn(2, 64, generator=g, dtype=torch.float64)
-
-    def run(scan, device, dtype):
-        leaves = [t.to(device, dtype).requires_grad_(t is not h0 or h0_kind == "trained")
-                  for t in (log_gamma, b) + (() if h0 is None else (h0,))]
-        h, last = scan(*leaves)
-        ((h * w.to(device, dtype)).sum() + (last * v.to(device, dtype)).sum()).backward()
-        return h, last, [t.grad for t in leaves if t.requires_grad]
-
-    ref = run(lambda lg, bb, *s: sequential_scan(lg.exp(), bb, *s), "cpu", torch.float64)
-    got = run(hgrn_scan, "cuda", torch.float32)
-    assert got[0].dtype == torch.float32
-    for name, a, r in [("h", got[0], ref[0]), ("h_last", got[1], ref[1])] + \
-                      [(f"grad {i}", a, r) for i, (a, r) in enumerate(zip(got[2], ref[2]))]:
-        r = r.detach()  # fp32 against float64: relative to each tensor's scale, as long sums cancel in places
-        torch.testing.assert_close(a.double().cpu(), r, rtol=1e-4, atol=1e-5 * float(r.abs().max()), msg=name)
-    assert len(got[2]) == len(ref[2])  # h0's gradient too, when h0 is trained
+    check_log_space_scan(hgrn_scan, "cuda", T, h0_kind, lo)
 
 
 @needs_fla
