@@ -44,7 +44,7 @@ parity=${PIPESTATUS[0]}
 grep -q "skipped" "$OUT/parity.txt" && { echo "error: CUDA parity tests were skipped"; parity=1; }
 
 bench() {  # one table: bench_throughput.py's own output, kept whole
-    echo "== bench_throughput.py $*"
+    echo "== bench_throughput.py $* (at ${SECONDS}s)"
     $PY bench/bench_throughput.py --device cuda --tokens 65536 --warmup 2 --steps 8 --stat median \
         --json "$OUT/bench.jsonl" "$@" 2>&1 | tee -a "$OUT/bench.txt"
 }
@@ -56,5 +56,5 @@ if [[ "${FULL:-0}" == 1 ]]; then
     bench --seqs 256 1024 4096 --no-scan-times
     bench --compile --width 512 --layers 8 --seqs 1024 4096 --variants mmrec:torch --no-scan-times
 fi
-echo "parity tests exit code: $parity"
+echo "parity tests exit code: $parity; ${SECONDS}s in all"
 exit $parity
