@@ -139,7 +139,7 @@ class TrainParams(Section):
     threads: Annotated[int, Field(ge=0, le=1024)] = 0  # 0: all cores (shared among nproc processes)
     nproc: Annotated[int, Field(ge=1, le=1024)] = 1  # data-parallel processes on this machine (torchrun)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    compile: bool = False
+    compile: Literal["auto", True, False] = "auto"  # auto: torch.compile on CUDA, eager on the CPU
     checkpoint_dir: str = "checkpoints"  # last.pt lives here, outside DVC, so a killed run resumes
 
     @model_validator(mode="after")

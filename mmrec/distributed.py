@@ -56,6 +56,15 @@ def gather(obj: Any, group: Group) -> list[Any]:
     return out
 
 
+def broadcast(obj: Any, group: Group) -> Any:
+    """Rank 0's `obj` on every rank: one decision (early stopping) for all, whatever each rank computed."""
+    if group.world == 1:
+        return obj
+    box = [obj if group.main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier(group: Group) -> None:
     if group.world > 1:
         dist.barrier()

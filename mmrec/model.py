@@ -6,6 +6,10 @@ MM-Rec block (see the design note):
     h_t = gamma_t * h_{t-1} + (1 - gamma_t) * z_t * sigmoid(g_t)     (linear in h: a scan)
     x = x + W_out(RMSNorm(h) * silu(o));  x = x + FFN(RMSNorm(x))
 Channel c belongs to memory c % M, so tiling the width keeps every channel in its memory (growth.py).
+On CUDA with flash-linear-attention installed the scan is fla's fused HGRN kernel, fed log gamma =
+logaddexp(log f, log(1 - f) + logsigmoid(a)), exact where f + (1 - f) * sigmoid(a) would round; on the
+CPU it is our chunked scan (scan.py), which is also the reference.
+UBOO's auxiliary loss is summed over layers, as the design note defines it (lambda * sum_l ...).
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import torch.nn.functional as F
 
 from mmrec.config import ModelParams, RungParams
 from mmrec.errors import UserError
-from mmrec.scan import linear_scan
+from mmrec.scan import hgrn_scan, linear_scan, scan_backend
 
 MAX_LOG_SPAN = 40.0  # largest |log A| inside a scan chunk: exp(40) ~ 2e17 is safe in fp32
 
@@ -110,7 +114,8 @@ class FeedForward(nn.Module):
 
 
 def uboo_loss(predict: nn.Linear, h: torch.Tensor) -> torch.Tensor:
-    """|| P(h_t) - stopgrad(h_{t+1}) ||^2 over the target's variance: the target is never trained by it."""
+    """mean_t || P(h_t) - stopgrad(h_{t+1}) ||^2 over the target's total variance (the design note's per-layer
+    term, i.e. a normalised mean squared error); the target is never trained by it."""
     target = h[:, 1:].detach()
     err = (predict(h[:, :-1]) - target).pow(2).mean()
     return err / (target.var(correction=0) + 1e-12)
@@ -148,9 +153,14 @@ class MMRecBlock(nn.Module):
         a = self.dpg_up(F.relu(d))
         f = self.min_floor + (self.max_floor - self.min_floor) * torch.sigmoid(self.floor_logit)
         f = f.repeat(D // self.memories)  # channel c -> memory c % M
-        gamma = f + (1 - f) * torch.sigmoid(a)
         b = (1 - f) * torch.sigmoid(-a) * z * torch.sigmoid(g)  # (1 - gamma) without cancellation
-        h, h_last = linear_scan(gamma, b, h0, self.chunk)
+        if scan_backend(x.device.type) == "fla":
+            a = a.float() if a.dtype in (torch.float16, torch.bfloat16) else a  # log gamma near 0 needs fp32
+            log_gamma = torch.logaddexp(torch.log(f), torch.log1p(-f) + F.logsigmoid(a))
+            h, h_last = hgrn_scan(log_gamma, b, h0)
+        else:  # gamma >= f >= min_floor, which scan_chunk was picked for: no check needed
+            gamma = f + (1 - f) * torch.sigmoid(a)
+            h, h_last = linear_scan(gamma, b, h0, self.chunk, min_gamma=self.min_floor)
         x = x + self.drop(self.out(self.norm_h(h) * F.silu(o)))
         x = x + self.drop(self.ffn(self.norm2(x)))
         aux = uboo_loss(self.predict, h) if want_aux and self.predict is not None and h.shape[1] > 1 else None
@@ -224,13 +234,22 @@ class LanguageModel(nn.Module):
         if targets is None:
             return ModelOutput(logits, None, None, None, out_state)
         ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        aux = torch.stack(auxes).mean() if auxes else None
+        aux = torch.stack(auxes).sum() if auxes else None  # summed over layers, as the design note says
         loss = ce if aux is None else ce + self.cfg.uboo_weight * aux
         return ModelOutput(logits, loss, ce, aux, out_state)
 
 
 def build_model(cfg: ModelConfig) -> LanguageModel:
     return LanguageModel(cfg)
+
+
+def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> float:
+    """Training FLOPs per token, forward + backward: 6 per parameter (the tied head's matmul is counted by
+    the shared weight; the embedding lookup is free but small beside it), plus for GPT the attention
+    scores and their weighted sum, 12 * layers * width * seq_len (nanoGPT's count, causal mask ignored).
+    The scan's O(width) per token is left out, as PaLM's MFU leaves out element-wise work."""
+    attention = 12 * cfg.layers * cfg.width * seq_len if cfg.arch == "gpt" else 0
+    return 6.0 * n_params + attention
 
 
 def count_params(model: nn.Module) -> int:

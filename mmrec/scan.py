@@ -1,28 +1,98 @@
-"""The linear recurrence h_t = gamma_t * h_{t-1} + b_t, computed chunk by chunk.
+"""The linear recurrence h_t = gamma_t * h_{t-1} + b_t, computed chunk by chunk (or by a fused kernel on CUDA).
 
 Inside a chunk of length C, with A_t = prod_{s<=t} gamma_s (a cumulative sum in log space),
     h_t = A_t * (h_carry + cumsum_s(b_s / A_s)),
 so a chunk costs a few element-wise ops and two cumsums. The carries between chunks follow the same
 recurrence over the T / C chunk ends, solved in log2(T / C) vectorised steps: no Python loop over time.
-The rescaled form needs |log A| bounded inside a chunk: exp(-log A) must not overflow, so keep
-C * |log gamma_min| under ~80 in float32 (~700 in float64). MMRec bounds gamma >= min_floor and picks
-C from it (see model.py).
+The rescaled form needs |log A| bounded inside a chunk: exp(-log A) must not overflow, so
+C * |log gamma_min| must stay under MAX_LOG_SPAN (80 in float32, 700 in float64). MMRec bounds
+gamma >= min_floor, picks C from it (see model.py) and says so through `min_gamma`; any other caller
+gets its gammas checked, and a scan past the bound (or with a gamma of 0) runs the doubling scan over
+the whole sequence instead, which only multiplies numbers in [0, 1] and so cannot overflow.
+
+On CUDA, flash-linear-attention's HGRN kernels (`fla.ops.hgrn`, h_t = exp(g_t) h_{t-1} + x_t; pip install
+-r requirements-gpu.txt) do the same in one fused pass: `hgrn_scan` takes g = log gamma. `scan_backend`
+says which one a device gets; MMREC_SCAN=torch|fla|auto overrides the choice (benchmarks, debugging).
 """
 from __future__ import annotations
+
+import math
+import os
 
 import torch
 import torch.nn.functional as F
 
+from mmrec.errors import UserError
 
-def linear_scan(gamma: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None,
-                chunk_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """gamma, b: [B, T, D]; h0: [B, D] or None (zeros). Returns (h [B, T, D], h_last [B, D])."""
+MAX_LOG_SPAN = {torch.float32: 80.0, torch.float64: 700.0}  # exp(80) ~ 5.5e34 leaves fp32 ~1e4 headroom
+BACKENDS = ("auto", "torch", "fla")
+
+
+def _probe_fla() -> bool:
+    """Whether the fused kernels can run here: a CUDA device and an importable fla (which brings Triton).
+    Probed once at import, outside any torch.compile trace."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import fla.ops.hgrn  # noqa: F401
+    except Exception:  # missing, or a Triton/torch mismatch: our scan still works
+        return False
+    return True
+
+
+FLA_AVAILABLE = _probe_fla()
+if FLA_AVAILABLE:  # imported here, not inside hgrn_scan, so that torch.compile never traces an import
+    from fla.ops.hgrn import chunk_hgrn, fused_recurrent_hgrn
+REQUESTED = os.environ.get("MMREC_SCAN", "auto")
+
+
+def choose_backend(device_type: str, requested: str = "auto", fla_available: bool = False) -> str:
+    """'fla' for CUDA tensors when the kernels import (or when asked for), else 'torch' (our chunked scan)."""
+    if requested not in BACKENDS:
+        raise UserError(f"MMREC_SCAN={requested!r} is unknown; allowed: {', '.join(BACKENDS)}")
+    usable = device_type == "cuda" and fla_available
+    if requested == "fla" and not usable:
+        raise UserError("MMREC_SCAN=fla needs a CUDA device and flash-linear-attention's kernels "
+                        "(pip install -r requirements-gpu.txt)")
+    return "fla" if usable and requested != "torch" else "torch"
+
+
+def scan_backend(device_type: str) -> str:
+    """The backend for tensors on `device_type`, from this process's probe and MMREC_SCAN."""
+    return choose_backend(device_type, REQUESTED, FLA_AVAILABLE)
+
+
+def hgrn_scan(log_gamma: torch.Tensor, b: torch.Tensor,
+              h0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """linear_scan's contract with gamma given as log gamma (<= 0), on fla's fused CUDA kernels, in fp32.
+
+    chunk_hgrn is the fast one but returns no gradient for h0 and drops the final state's gradient;
+    fused_recurrent_hgrn has both. h_last is read off h here, so its gradient flows through h either way:
+    only a differentiable h0 needs the recurrent kernel."""
+    out_dtype = b.dtype
+    g, x = log_gamma.float(), b.float()
+    h0 = None if h0 is None else h0.float()
+    kernel = fused_recurrent_hgrn if h0 is not None and h0.requires_grad else chunk_hgrn
+    h, _ = kernel(x, g, h0)
+    return h.to(out_dtype), h[:, -1].to(out_dtype)
+
+
+def linear_scan(gamma: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None, chunk_size: int = 32,
+                min_gamma: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """gamma (in [0, 1]), b: [B, T, D]; h0: [B, D] or None (zeros). Returns (h [B, T, D], h_last [B, D]).
+
+    min_gamma: a lower bound on gamma the caller guarantees; without it the gammas are checked (one
+    reduction and a host sync), and a chunk whose rescaling could overflow falls back to the doubling scan."""
     out_dtype = b.dtype
     if out_dtype in (torch.float16, torch.bfloat16):  # the rescaling needs fp32 range
         gamma, b = gamma.float(), b.float()
         h0 = None if h0 is None else h0.float()
     B, T, D = b.shape
     C = max(1, min(chunk_size, T))
+    lowest = min_gamma if min_gamma is not None else float(gamma.detach().min()) if gamma.numel() else 1.0
+    if lowest <= 0 or C * -math.log(lowest) > MAX_LOG_SPAN.get(b.dtype, 80.0):
+        h = _doubling_scan(gamma, b, h0)  # exact for any gamma in [0, 1], O(T log T) work
+        return h.to(out_dtype), h[:, -1].to(out_dtype)
     pad = -T % C
     if pad:  # gamma = 1, b = 0 keeps h constant through the padding
         gamma = F.pad(gamma, (0, 0, 0, pad), value=1.0)

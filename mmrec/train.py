@@ -3,11 +3,14 @@
 `train_rung` is what `stages/train.py` calls. A run killed at any moment resumes from
 checkpoints/<rung>/last.pt (when its fingerprint matches the current params and data) and ends
 with the same weights as a run that was never killed: the checkpoint holds the model, optimizer,
-step, both RNG states and the history. The loop is plain PyTorch, nanoGPT style.
+step, the RNG states (torch's, CUDA's when a GPU trains, every rank's data sampler) and the history.
+The loop is plain PyTorch, nanoGPT style: bf16 autocast around the forward only, a step whose gradient
+norm is not finite skipped and counted, torch.compile on CUDA by default, and MFU logged beside tokens/s.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import shutil
@@ -30,7 +33,7 @@ from mmrec.errors import Interrupted, UserError
 from mmrec.files import copy_atomic, dvc_fix, sha256_file, sha256_text, write_json, write_text
 from mmrec.device import autocast, resolve_device
 from mmrec.inference import score
-from mmrec.model import ModelConfig, build_model, count_params, param_groups
+from mmrec.model import ModelConfig, ModelOutput, build_model, count_params, flops_per_token, param_groups
 from mmrec.paths import RungPaths
 
 
@@ -60,6 +63,7 @@ class Progress:
     bad_evals: int = 0
     history: list[dict[str, float]] = field(default_factory=list)  # one row per evaluation
     stopped_early: bool = False
+    skipped_steps: int = 0  # updates dropped because the gradient norm was not finite
 
 
 def lr_at(step: int, budget: Budget, min_lr: float) -> float:
@@ -79,6 +83,80 @@ def seed_everything(seed: int, rank: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed + 1 + 7919 * rank)
 
 
+COMPILE_BACKEND = "inductor"  # torch.compile's default; the tests trace with "eager" (no C++ toolchain run)
+
+
+def use_compile(setting: str | bool, device: torch.device) -> bool:
+    """train.compile: 'auto' compiles on CUDA only; true/false force it. On the CPU compiling MM-Rec took
+    1-4 minutes and its steps were no faster (README, "Training throughput and MFU")."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
+# Dense bf16 tensor-core peaks (no sparsity), by a substring of torch.cuda.get_device_name().
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "GH200": 989e12, "B200": 2250e12,
+                   "A100": 312e12, "A10G": 125e12, "L40S": 362e12, "L4": 121e12, "RTX 4090": 165e12,
+                   "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+@functools.cache
+def peak_flops(device_type: str, index: int | None = None) -> tuple[float, str]:
+    """The device's peak FLOP/s for MFU and where the figure comes from: the table above for a known GPU
+    (bf16, the dtype training runs in there), else a matmul measured once (fp32 on the CPU, at the
+    current thread count), which is what the CPU can reach rather than a datasheet figure."""
+    if device_type == "cuda":
+        name = torch.cuda.get_device_name(index)
+        for key, flops in PEAK_BF16_FLOPS.items():  # ordered: "H100 PCIe" before "H100"
+            if key in name:
+                return flops, f"table: {name}"
+    return _matmul_probe(torch.device(device_type, index) if index is not None else torch.device(device_type))
+
+
+def _matmul_probe(device: torch.device, n: int = 512, reps: int = 8) -> tuple[float, str]:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator(device).manual_seed(0)  # its own stream: drawing from torch's would shift dropout's
+    a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=g) for _ in range(2))
+    best = math.inf
+    for _ in range(reps + 1):  # the first is a warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best, f"matmul probe {n}x{n} {str(dtype).removeprefix('torch.')}"
+
+
+def forward_backward(step_fn: Any, x: torch.Tensor, y: torch.Tensor, scale: float,
+                     amp: contextlib.AbstractContextManager) -> ModelOutput:
+    """One micro-batch: the forward under autocast, the backward outside it, as PyTorch advises (each
+    backward op runs in the dtype autocast picked for its forward anyway)."""
+    with amp:
+        out = step_fn(x, y)
+    (out.loss * scale).backward()
+    return out
+
+
+def rng_state(device: torch.device, generator: torch.Generator, group: distributed.Group) -> dict[str, Any]:
+    """Every random stream the loop draws from: torch's CPU RNG (init, dropout on CPU), the CUDA RNG of
+    every rank when a GPU trains (dropout there) and every rank's data sampler. A collective call."""
+    state = {"torch": torch.get_rng_state(), "data": distributed.gather(generator.get_state(), group)}
+    if device.type == "cuda":
+        state["cuda"] = distributed.gather(torch.cuda.get_rng_state(device), group)
+    return state
+
+
+def restore_rng(state: dict[str, Any], device: torch.device, generator: torch.Generator,
+                group: distributed.Group, where: Path) -> None:
+    if len(state["data"]) != group.world:
+        raise UserError(f"{where} was written by {len(state['data'])} processes; "
+                        f"resume with train.nproc = {len(state['data'])} or delete it")
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["data"][group.rank])
+    if device.type == "cuda" and "cuda" in state:  # a CPU checkpoint resumed on a GPU starts CUDA's afresh
+        torch.cuda.set_rng_state(state["cuda"][group.rank], device)
+
+
 def val_loss(model: torch.nn.Module, val: np.ndarray, starts: list[int], tp: TrainParams, device: torch.device) -> float:
     with autocast(device):
         return score(model, val, [(s, tp.seq_len) for s in starts], tp.batch_size, device).loss
@@ -91,7 +169,8 @@ def fit(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, tp: TrainPar
     """Train until the budget or early stopping; rank 0 keeps best.pt and last.pt in ckpt_dir.
 
     Under torchrun every rank samples its own windows (its generator is seeded apart) and DDP averages
-    the gradients; every rank evaluates the same fixed windows, so all agree on when to stop."""
+    the gradients; every rank evaluates the same fixed windows, and rank 0's decision to stop early is
+    broadcast so that no rank can leave the others waiting in a collective."""
     optimizer = torch.optim.AdamW(param_groups(model, tp.weight_decay), lr=budget.lr, betas=(tp.beta1, tp.beta2),
                                   fused=device.type == "cuda")
     progress = Progress()
@@ -99,32 +178,32 @@ def fit(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, tp: TrainPar
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         progress = Progress(**resume["progress"])
-        torch.set_rng_state(resume["rng"]["torch"])
-        data_states = resume["rng"]["data"]
-        if len(data_states) != group.world:
-            raise UserError(f"{ckpt_dir / 'last.pt'} was written by {len(data_states)} processes; "
-                            f"resume with train.nproc = {len(data_states)} or delete it")
-        generator.set_state(data_states[group.rank])
+        restore_rng(resume["rng"], device, generator, group, ckpt_dir / "last.pt")
     wrapped = model
     if group.world > 1:
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    step_fn = torch.compile(wrapped) if tp.compile else wrapped
+    compiled = use_compile(tp.compile, device)
+    step_fn = torch.compile(wrapped, backend=COMPILE_BACKEND) if compiled else wrapped
     starts = fixed_starts(len(val), tp.seq_len, tp.eval_windows)
     tokens_per_step = tp.batch_size * tp.seq_len * tp.grad_accum * group.world
+    # MFU: the model's training FLOPs over what all ranks' devices could do in the same time.
+    step_flops = flops_per_token(model.cfg, count_params(model), tp.seq_len) * tokens_per_step
+    peak = peak_flops(device.type, device.index)[0] * group.world
 
     def save(name: str, with_optimizer: bool) -> None:
-        data_states = distributed.gather(generator.get_state(), group) if with_optimizer else None  # collective
+        rng = rng_state(device, generator, group) if with_optimizer else None  # collective: every rank calls it
         if not group.main:
             return
         state = {"model": model.state_dict(), "progress": progress.__dict__, **extra}
         if with_optimizer:
-            state |= {"optimizer": optimizer.state_dict(), "rng": {"torch": torch.get_rng_state(), "data": data_states}}
+            state |= {"optimizer": optimizer.state_dict(), "rng": rng}
         checkpoint.save_atomic(state, ckpt_dir / name)
 
     bar = tqdm(total=budget.steps, initial=progress.step, desc="train", unit="step", dynamic_ncols=True,
                disable=not group.main)
     previous_handler = report_interrupts(progress, ckpt_dir)
     train_losses: list[float] = []
+    warming_up = compiled  # the first compiled step includes the compilation: timed apart, once
     clock = time.perf_counter()
     while progress.step < budget.steps and not progress.stopped_early:
         lr = lr_at(progress.step, budget, min(tp.min_lr, budget.lr))
@@ -135,9 +214,8 @@ def fit(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, tp: TrainPar
         for micro in range(tp.grad_accum):
             x, y = random_batch(train, tp.batch_size, tp.seq_len, generator)
             sync = micro == tp.grad_accum - 1 or group.world == 1  # DDP all-reduces on the last micro-batch only
-            with autocast(device), (contextlib.nullcontext() if sync else wrapped.no_sync()):
-                out = step_fn(x.to(device), y.to(device))
-                (out.loss / tp.grad_accum).backward()
+            with contextlib.nullcontext() if sync else wrapped.no_sync():
+                out = forward_backward(step_fn, x.to(device), y.to(device), 1 / tp.grad_accum, autocast(device))
             loss_sum += out.loss.item() / tp.grad_accum
             aux_sum += out.aux.item() / tp.grad_accum if out.aux is not None else 0.0
         loss_sum = distributed.mean(loss_sum, group)
@@ -148,8 +226,12 @@ def fit(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, tp: TrainPar
                 f"loss became {loss_sum} at step {progress.step} (lr {lr:.2e}); the last good checkpoint is "
                 f"{ckpt_dir / 'last.pt'} (step {progress.history[-1]['step'] if progress.history else 0}); "
                 "lower train.lr or raise train.warmup_steps")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tp.grad_clip if tp.grad_clip > 0 else math.inf)
-        optimizer.step()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                         tp.grad_clip if tp.grad_clip > 0 else math.inf))
+        if math.isfinite(grad_norm):  # DDP averaged the gradients first, so every rank agrees
+            optimizer.step()
+        else:  # a finite loss with an inf/NaN gradient: clipping would spread the NaN into every weight
+            progress.skipped_steps += 1
         optimizer.zero_grad(set_to_none=True)
         progress.step += 1
         progress.tokens += tokens_per_step
@@ -160,7 +242,12 @@ def fit(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, tp: TrainPar
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}", refresh=False)
         if sink is not None:
-            sink.log(progress.step, train_loss=loss_sum, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tok_s)
+            sink.log(progress.step, train_loss=loss_sum, lr=lr, grad_norm=grad_norm,
+                     **{"opt/skipped_steps": progress.skipped_steps})
+            if warming_up:  # compile time is reported once and kept out of the throughput figures
+                sink.log(progress.step, **{"perf/compile_s": elapsed})
+            else:
+                sink.log(progress.step, tokens_per_s=tok_s, **{"perf/mfu": step_flops / elapsed / peak})
             if aux_sum is not None:
                 sink.log(progress.step, train_uboo=aux_sum, train_ce=loss_sum - model.cfg.uboo_weight * aux_sum)
             if progress.step % tp.log_every == 0:
@@ -175,7 +262,8 @@ def fit(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, tp: TrainPar
                 save("best.pt", with_optimizer=False)
             else:
                 progress.bad_evals += 1
-                progress.stopped_early = 0 < tp.patience <= progress.bad_evals
+            # Rank 0's decision for all: a rank that stopped alone would hang the others' all-reduce.
+            progress.stopped_early = distributed.broadcast(0 < tp.patience <= progress.bad_evals, group)
             save("last.pt", with_optimizer=True)
             if group.main:
                 bar.write(f"step {progress.step}: val loss {vl:.4f} (best {progress.best_val:.4f} @ {progress.best_step})")
@@ -183,6 +271,7 @@ def fit(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, tp: TrainPar
                 sink.log(progress.step, val_loss=vl)
                 sink.flush()
             clock = time.perf_counter()  # evaluation time is not training throughput
+        warming_up = False
     bar.close()
     if previous_handler is not None:
         signal.signal(signal.SIGINT, previous_handler)
@@ -202,11 +291,13 @@ def report_interrupts(progress: Progress, ckpt_dir: Path) -> Any:
     return signal.signal(signal.SIGINT, handler)
 
 
-def budget_for(params: Params, rung_name: str) -> Budget:
+def budget_for(params: Params, rung_name: str, world: int = 1) -> Budget:
+    """Steps, peak lr and warmup of a rung; `world` processes each take batch_size windows a step, so
+    train.max_tokens (all ranks' tokens) caps the steps at max_tokens / (tokens a step x world)."""
     tp, rung = params.train, params.rung(rung_name)
     steps = rung.max_steps or tp.max_steps
     if tp.max_tokens:
-        steps = min(steps, math.ceil(tp.max_tokens / (tp.batch_size * tp.seq_len * tp.grad_accum)))
+        steps = min(steps, math.ceil(tp.max_tokens / (tp.batch_size * tp.seq_len * tp.grad_accum * world)))
     warmup = tp.rewarmup_steps if rung.parent else tp.warmup_steps
     return Budget(steps=steps, lr=rung.lr or tp.lr, warmup=min(warmup, steps))
 
@@ -238,7 +329,7 @@ def train_rung(params: Params, rung_name: str, root: Path = Path(".")) -> dict[s
         torch.cuda.set_device(device)
     torch.set_num_threads(max(1, (tp.threads or torch.get_num_threads()) // group.world))
     cfg = ModelConfig.from_params(params.model, rung, header["vocab_size"])
-    budget = budget_for(params, rung_name)
+    budget = budget_for(params, rung_name, group.world)  # after distributed.init: the budget is all ranks'
 
     parent_best = paths.model(rung.parent) / "best.pt" if rung.parent else None
     if parent_best is not None and not parent_best.exists():
@@ -373,10 +464,13 @@ def parent_tags(paths: RungPaths, parent: str) -> dict[str, str]:
 
 
 def run_speed(run: Any) -> dict[str, float]:
-    """Median training throughput, from the run's own history (kept out of the bit-reproducible metrics)."""
+    """Median training throughput and MFU, from the run's own history (kept out of the bit-reproducible metrics)."""
     run.flush()
-    values = [v for _, v in run.metric_history("tokens_per_s")]
-    return {"tokens_per_s": float(np.median(values)) if values else 0.0}
+    medians = {}
+    for name, key in [("tokens_per_s", "tokens_per_s"), ("mfu", "perf/mfu")]:
+        values = [v for _, v in run.metric_history(key)]
+        medians[name] = float(np.median(values)) if values else 0.0
+    return medians
 
 
 def write_curve(path: Path, history: list[dict[str, float]]) -> None:

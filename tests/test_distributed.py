@@ -3,13 +3,19 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import yaml
 from mlflow import MlflowClient
 
+from mmrec import distributed
 from tests.conftest import REPO, TINY_PARAMS, deep_merge, kill_tree
 
-PARAMS = deep_merge(TINY_PARAMS, {"train": {"nproc": 2, "max_steps": 120, "eval_every": 20}})
+# max_tokens is all ranks' tokens: 100 steps of 2 ranks x 8 x 32 (it used to allow 200 steps, capped at 120)
+PARAMS = deep_merge(TINY_PARAMS, {"train": {"nproc": 2, "max_steps": 120, "max_tokens": 100 * 2 * 8 * 32,
+                                            "eval_every": 20}})
 
 
 def start(root):
@@ -35,9 +41,9 @@ def test_two_gloo_processes_train_log_once_and_resume_to_the_same_result(workdir
     finish(start(whole))
     client, [run] = runs(whole)
     assert run.data.params["train.nproc"] == "2"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == list(range(1, 121))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == list(range(1, 101))
     expected = json.loads((whole / "metrics/train/tiny.json").read_text())
-    assert expected["tokens_seen"] == 120 * 2 * 8 * 32  # both ranks' windows count
+    assert expected["tokens_seen"] == 100 * 2 * 8 * 32  # both ranks' windows count, and no more than max_tokens
 
     killed = tmp_path / "killed"
     killed.mkdir()
@@ -58,3 +64,17 @@ def test_two_gloo_processes_train_log_once_and_resume_to_the_same_result(workdir
     assert json.loads((killed / "metrics/train/tiny.json").read_text()) == expected
     client, [run] = runs(killed)  # the resumed run continues the same MLflow run
     assert run.info.status == "FINISHED"
+
+
+def _decide(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    group = distributed.Group(rank, world, rank)
+    decision = distributed.broadcast(rank == 1, group)  # rank 1 alone would stop; rank 0 would not
+    (Path(out_dir) / f"rank{rank}").write_text(json.dumps(decision))
+    dist.destroy_process_group()
+
+
+def test_every_rank_takes_rank_0s_early_stopping_decision(tmp_path):
+    mp.spawn(_decide, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2)
+    assert [json.loads((tmp_path / f"rank{r}").read_text()) for r in (0, 1)] == [False, False]
+    assert distributed.broadcast("alone", distributed.Group()) == "alone"

@@ -6,7 +6,8 @@ import torch
 
 from mmrec.config import ModelParams, RungParams
 from mmrec.errors import UserError
-from mmrec.model import ModelConfig, build_model, count_params, param_groups, uboo_loss
+from mmrec.model import ModelConfig, build_model, count_params, flops_per_token, param_groups, uboo_loss
+from mmrec.scan import FLA_AVAILABLE, sequential_scan
 
 
 def config(arch="mmrec", width=32, layers=2, memories=4, vocab=64, **model) -> ModelConfig:
@@ -142,3 +143,78 @@ def test_carried_state_matches_one_long_forward():
     first = model(idx[:, :13])
     second = model(idx[:, 13:], state=first.state)
     torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), whole, rtol=0, atol=1e-10)
+
+
+def test_uboo_is_summed_over_layers_as_the_design_note_defines_it():
+    torch.manual_seed(0)
+    model = build_model(config(layers=3, uboo_weight=0.5))
+    per_layer = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda _m, _i, out: per_layer.append(out[2]))
+    idx = torch.randint(0, 64, (2, 24))
+    out = model(idx, idx)
+    assert len(per_layer) == 3 and all(a > 0 for a in per_layer)
+    torch.testing.assert_close(out.aux, sum(per_layer))
+
+
+@pytest.mark.parametrize("arch", ["mmrec", "gpt"])
+def test_flops_per_token_matches_the_counted_matmuls(arch):
+    """6N (+ attention for GPT) against PyTorch's own FLOP counter over a real forward + backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = config(arch=arch, width=64, layers=2, vocab=256, head_dim=16)
+    model = build_model(cfg)
+    T = 128
+    idx = torch.randint(0, 256, (2, T + 1))
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):  # attention as plain matmuls
+        model(idx[:, :-1], idx[:, 1:]).loss.backward()
+    counted = counter.get_total_flops() / (2 * T)
+    assert flops_per_token(cfg, count_params(model), T) == pytest.approx(counted, rel=0.03)
+
+
+def reference_hgrn(log_gamma, b, h0=None):
+    """The fused kernel's contract, on the CPU: stands in for the GPU in the test below."""
+    return sequential_scan(log_gamma.exp(), b, h0)
+
+
+def test_log_space_gates_of_the_fused_path_give_the_same_model(monkeypatch):
+    """The CUDA path computes log gamma = logaddexp(log f, log(1 - f) + logsigmoid(a)) for fla's kernel;
+    with a CPU stand-in for the kernel the model must compute what our scan computes."""
+    import mmrec.model as model_module
+
+    torch.manual_seed(0)
+    model = build_model(config(layers=2, chunk_size=8)).double().eval()
+    idx = torch.randint(0, 64, (2, 40))
+    ours = model(idx)
+    monkeypatch.setattr(model_module, "scan_backend", lambda device_type: "fla")
+    monkeypatch.setattr(model_module, "hgrn_scan", reference_hgrn)
+    fused = model(idx)
+    torch.testing.assert_close(fused.logits, ours.logits, rtol=1e-10, atol=1e-10)
+    for a, b in zip(fused.state, ours.state):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_log_gamma_stays_finite_where_gamma_rounds_to_one():
+    f = torch.tensor([0.996])
+    a = torch.tensor([40.0])  # sigmoid(a) == 1 in fp32: log(gamma) would be exactly 0
+    log_gamma = torch.logaddexp(torch.log(f), torch.log1p(-f) + torch.nn.functional.logsigmoid(a))
+    assert log_gamma < 0 and torch.isfinite(log_gamma).all()
+
+
+@pytest.mark.skipif(not FLA_AVAILABLE, reason="needs CUDA and fla (pip install -r requirements-gpu.txt)")
+def test_cuda_fused_model_matches_our_scan_on_cuda(monkeypatch):
+    import mmrec.scan as scan
+
+    torch.manual_seed(0)
+    model = build_model(config(width=64, layers=2, chunk_size=16)).cuda()
+    idx = torch.randint(0, 64, (4, 200), device="cuda")
+    runs = {}
+    for backend in ("torch", "fla"):
+        monkeypatch.setattr(scan, "REQUESTED", backend)
+        model.zero_grad()
+        out = model(idx, idx)
+        out.loss.backward()
+        runs[backend] = (out.logits.detach(), [p.grad.clone() for p in model.parameters()])
+    for a, b in zip([runs["fla"][0], *runs["fla"][1]], [runs["torch"][0], *runs["torch"][1]]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5 * float(b.abs().max()))

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from mmrec.scan import linear_scan, sequential_scan
+from mmrec.errors import UserError
+from mmrec.scan import FLA_AVAILABLE, choose_backend, hgrn_scan, linear_scan, scan_backend, sequential_scan
 
 
 def make(B, T, D, lo, hi, seed, dtype=torch.float64):
@@ -70,3 +71,107 @@ def test_carried_state_continues_the_sequence():
     first, carry = linear_scan(gamma[:, :123], b[:, :123], h0, chunk_size=32)
     second, _ = linear_scan(gamma[:, 123:], b[:, 123:], carry, chunk_size=32)
     torch.testing.assert_close(torch.cat([first, second], 1), whole, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zero_and_tiny_gammas_fall_back_to_the_stable_scan(dtype):
+    """Past C * |log gamma_min| ~ 80 (fp32) the rescaled chunk overflowed into NaN; gamma = 0 did too."""
+    gamma, b, h0 = make(2, 300, 6, 0.0, 1e-3, seed=5)
+    gamma = gamma ** 12  # down to ~1e-36: |log gamma| ~ 80 at a single step
+    gamma[:, ::7] = 0.0  # a memory wiped clean every 7 steps
+    ref, ref_last = sequential_scan(gamma, b, h0)
+    leaves = [t.to(dtype).clone().requires_grad_() for t in (gamma, b, h0)]
+    h, last = linear_scan(*leaves, chunk_size=32)
+    assert h.dtype == dtype and torch.isfinite(h).all() and torch.isfinite(last).all()
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(h.double(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(last.double(), ref_last, rtol=tol, atol=tol)
+    (h.sum() + last.sum()).backward()
+    assert all(torch.isfinite(t.grad).all() for t in leaves)
+
+
+def test_a_chunk_too_long_for_its_gammas_in_float32_stays_finite():
+    gamma, b, h0 = make(2, 512, 4, 0.01, 0.02, seed=9)  # 64 * |log 0.01| ~ 295 > 80
+    ref, _ = sequential_scan(gamma, b, h0)
+    h, _ = linear_scan(gamma.float(), b.float(), h0.float(), chunk_size=64)
+    torch.testing.assert_close(h.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_promised_lower_bound_skips_the_check_and_keeps_the_chunked_result():
+    gamma, b, h0 = make(1, 200, 4, 0.5, 1.0, seed=2)
+    checked, _ = linear_scan(gamma, b, h0, chunk_size=16)
+    promised, _ = linear_scan(gamma, b, h0, chunk_size=16, min_gamma=0.5)
+    assert torch.equal(checked, promised)
+
+
+@pytest.mark.parametrize("device, requested, fla, expected", [
+    ("cuda", "auto", True, "fla"), ("cuda", "auto", False, "torch"), ("cpu", "auto", True, "torch"),
+    ("cuda", "torch", True, "torch"), ("cuda", "fla", True, "fla"), ("cpu", "torch", False, "torch"),
+])
+def test_the_fused_kernel_is_chosen_for_cuda_tensors_when_it_imports(device, requested, fla, expected):
+    assert choose_backend(device, requested, fla) == expected
+
+
+@pytest.mark.parametrize("device, requested, fla", [("cpu", "fla", True), ("cuda", "fla", False),
+                                                    ("cuda", "triton", True)])
+def test_an_impossible_scan_request_is_a_one_line_error(device, requested, fla):
+    with pytest.raises(UserError) as err:
+        choose_backend(device, requested, fla)
+    assert "\n" not in str(err.value) and "MMREC_SCAN" in str(err.value)
+
+
+def test_the_cpu_always_gets_our_scan():
+    assert scan_backend("cpu") == "torch"
+
+
+# On a GPU with requirements-gpu.txt installed (bench/gpu_check.sh runs these); skipped everywhere else.
+needs_fla = pytest.mark.skipif(not FLA_AVAILABLE, reason="needs CUDA and fla (pip install -r requirements-gpu.txt)")
+
+
+def check_log_space_scan(scan, device: str, T: int, h0_kind: str, lo: float, rtol: float = 1e-4) -> None:
+    """`scan(log_gamma, b, h0)` in fp32 on `device` against the float64 sequential scan: h, h_last and the
+    gradients of a loss weighing every output (and the last state) differently, h0's too when it is trained."""
+    g = torch.Generator().manual_seed(T)
+    log_gamma = torch.log(lo + (1 - lo) * torch.rand(2, T, 64, generator=g, dtype=torch.float64))
+    b = torch.randn(2, T, 64, generator=g, dtype=torch.float64)
+    h0 = None if h0_kind == "none" else torch.randn(2, 64, generator=g, dtype=torch.float64)
+    w, v = torch.randn(2, T, 64, generator=g, dtype=torch.float64), torch.randn(2, 64, generator=g, dtype=torch.float64)
+
+    def run(scan, device, dtype):
+        leaves = [t.detach().to(device, dtype).clone().requires_grad_(i < 2 or h0_kind == "trained")
+                  for i, t in enumerate((log_gamma, b) + (() if h0 is None else (h0,)))]
+        h, last = scan(*leaves)
+        ((h * w.to(device, dtype)).sum() + (last * v.to(device, dtype)).sum()).backward()
+        return [h, last] + [t.grad for t in leaves if t.requires_grad]
+
+    ref = run(lambda lg, bb, *s: sequential_scan(lg.exp(), bb, *s), "cpu", torch.float64)
+    got = run(scan, device, torch.float32)
+    assert got[0].dtype == torch.float32 and len(got) == len(ref) == 4 + (h0_kind == "trained")
+    for name, a, r in zip(["h", "h_last", "d log_gamma", "d b", "d h0"], got, ref):
+        r = r.detach()  # fp32 against float64: relative to each tensor's scale, as long sums cancel in places
+        torch.testing.assert_close(a.double().cpu(), r, rtol=rtol, atol=1e-5 * float(r.abs().max()), msg=name)
+
+
+@pytest.mark.parametrize("h0_kind", ["none", "fixed", "trained"])
+def test_the_parity_check_itself_on_the_cpu(h0_kind):
+    """The harness of the CUDA test below, with our scan standing in for the kernel: it runs everywhere."""
+    check_log_space_scan(lambda lg, b, *h0: linear_scan(lg.exp(), b, *h0, chunk_size=32), "cpu", 300, h0_kind, 0.5)
+
+
+@needs_fla
+@pytest.mark.parametrize("T", [1, 100, 1000, 4096])
+@pytest.mark.parametrize("h0_kind", ["none", "fixed", "trained"])  # trained: fused_recurrent_hgrn, else chunk_hgrn
+@pytest.mark.parametrize("lo", [0.5, 1e-3])
+def test_cuda_fused_scan_matches_the_float64_sequential_scan(T, h0_kind, lo):
+    check_log_space_scan(hgrn_scan, "cuda", T, h0_kind, lo)
+
+
+@needs_fla
+def test_cuda_bf16_inputs_are_scanned_in_float32():
+    g = torch.Generator().manual_seed(0)
+    log_gamma = torch.log(0.5 + 0.5 * torch.rand(2, 300, 32, generator=g, dtype=torch.float64))
+    b = torch.randn(2, 300, 32, generator=g, dtype=torch.float64)
+    h, last = hgrn_scan(log_gamma.cuda().bfloat16(), b.cuda().bfloat16())
+    ref, _ = sequential_scan(log_gamma.bfloat16().double().exp(), b.bfloat16().double())
+    assert h.dtype == last.dtype == torch.bfloat16
+    torch.testing.assert_close(h.double().cpu(), ref, rtol=2e-2, atol=2e-2)

@@ -1,14 +1,18 @@
+import io
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from mlflow import MlflowClient
 
-from mmrec import checkpoint
-from mmrec.model import ModelConfig, build_model
+import mmrec.train as train_module
+from mmrec import checkpoint, distributed
+from mmrec.model import ModelConfig, ModelOutput, build_model
 from mmrec.tokenizer import load_tokens
-from mmrec.train import Budget, TrainingDiverged, fit, lr_at, seed_everything, train_rung
+from mmrec.train import (Budget, TrainingDiverged, budget_for, fit, forward_backward, lr_at, peak_flops, restore_rng,
+                         rng_state, seed_everything, train_rung, use_compile)
 from tests.conftest import tiny_params
 
 
@@ -100,13 +104,15 @@ def test_train_rung_logs_params_metrics_and_artifacts_to_mlflow(workdir):
     assert run.data.params["ladder.tiny.width"] == "32"
     assert run.data.tags["rung"] == "tiny" and run.data.tags["params_hash"] == params.digest()
     assert run.data.tags["tokenizer_sha256"]
-    for key in ["train_loss", "lr", "grad_norm", "tokens_per_s"]:
+    for key in ["train_loss", "lr", "grad_norm", "tokens_per_s", "perf/mfu", "opt/skipped_steps"]:
         assert len(client.get_metric_history(run_id, key)) == params.train.max_steps, key
     assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [20, 40]
     assert run.data.metrics["best_val_loss"] == pytest.approx(metrics["best_val_loss"])
     artifacts = {a.path for folder in ["plots", "tokenizer", "checkpoint"] for a in client.list_artifacts(run_id, folder)}
     assert artifacts == {"plots/tiny_curves.png", "tokenizer/spm.model", "checkpoint/best.pt"}
 
+    speed = json.loads((workdir / "metrics/speed/tiny.json").read_text())
+    assert speed["tokens_per_s"] > 0 and 0 < speed["mfu"] < 1
     saved = json.loads((workdir / "metrics/train/tiny.json").read_text())
     assert saved["best_val_loss"] == metrics["best_val_loss"] and saved["n_params"] > 0
     assert (workdir / "metrics/curves/tiny.csv").read_text().splitlines()[0] == "step,train_loss,val_loss,lr"
@@ -125,3 +131,110 @@ def test_uboo_loss_is_logged_apart_from_the_cross_entropy(workdir):
     last = {m.key: m.value for m in (loss[-1], ce[-1], aux[-1])}
     assert last["train_loss"] == pytest.approx(last["train_ce"] + 0.1 * last["train_uboo"])
     assert last["train_uboo"] > 0
+
+
+class Recorder:
+    """A metric sink that keeps every value, and optionally a copy of the weights after each step."""
+
+    def __init__(self, model=None):
+        self.metrics, self.model, self.weights = {}, model, {}
+
+    def log(self, step: int, **metrics: float) -> None:
+        for k, v in metrics.items():
+            self.metrics.setdefault(k, []).append((step, v))
+        if self.model is not None and "opt/skipped_steps" in metrics:
+            self.weights[step] = {k: v.clone() for k, v in self.model.state_dict().items()}
+
+    def flush(self) -> None:
+        pass
+
+
+def test_max_tokens_counts_the_tokens_of_every_process(workdir):
+    params = tiny_params(workdir, train={"max_steps": 1000, "max_tokens": 100 * 8 * 32})
+    assert budget_for(params, "tiny").steps == 100
+    assert budget_for(params, "tiny", world=2).steps == 50
+    assert budget_for(params, "tiny", world=3).steps == 34  # rounded up: never less than max_tokens
+
+
+def test_a_non_finite_gradient_norm_skips_the_update_and_is_counted(workdir):
+    params, model, gen, train, val, budget = setup(workdir)
+    steps_seen = []
+
+    def poison(grad):  # a finite loss whose gradient overflows, once, during step 7
+        steps_seen.append(None)
+        return grad * math.inf if len(steps_seen) == 7 else grad
+
+    model.blocks[0].out.weight.register_hook(poison)
+    sink = Recorder(model)
+    progress = fit(model, train, val, params.train, budget, generator=gen, ckpt_dir=workdir / "c",
+                   extra={}, sink=sink)
+    assert progress.skipped_steps == 1 and progress.step == budget.steps
+    assert dict(sink.metrics["opt/skipped_steps"])[6] == 0 and dict(sink.metrics["opt/skipped_steps"])[7] == 1
+    assert not math.isfinite(dict(sink.metrics["grad_norm"])[7])
+    for name, before in sink.weights[6].items():  # step 7 changed nothing, not even by weight decay
+        assert torch.equal(sink.weights[7][name], before), name
+    assert any(not torch.equal(sink.weights[8][n], w) for n, w in sink.weights[7].items())  # training went on
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+    assert checkpoint.load(workdir / "c" / "last.pt")["progress"]["skipped_steps"] == 1
+
+
+def test_backward_runs_outside_autocast():
+    model = torch.nn.Linear(4, 4)
+    seen = []
+    model.weight.register_hook(lambda g: seen.append(torch.is_autocast_enabled("cpu")))
+    step_fn = lambda x, y: ModelOutput(model(x), model(x).pow(2).mean(), None, None)  # noqa: E731
+    out = forward_backward(step_fn, torch.randn(3, 4), None, 0.5, torch.autocast("cpu", dtype=torch.bfloat16))
+    assert out.logits.dtype == torch.bfloat16  # the forward did run under autocast
+    assert seen == [False]  # True when backward() ran inside the autocast block
+
+
+def test_the_checkpoint_carries_the_cuda_rng_state_when_a_gpu_trains(monkeypatch):
+    """No GPU here: torch.cuda's RNG calls are replaced by a recorder, the rest is the real plumbing."""
+    gen = torch.Generator().manual_seed(3)
+    cpu_state = rng_state(torch.device("cpu"), gen, distributed.Group())
+    assert set(cpu_state) == {"torch", "data"}  # nothing about CUDA on a CPU run
+
+    cuda_rng, restored = torch.arange(16, dtype=torch.uint8), []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: cuda_rng.clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device=None: restored.append((state, device)))
+    gpu = torch.device("cuda", 0)
+    state = rng_state(gpu, gen, distributed.Group())
+    assert torch.equal(state["cuda"][0], cuda_rng)
+    buf = io.BytesIO()
+    torch.save(state, buf)  # plain tensors and lists: loadable with weights_only=True
+    buf.seek(0)
+    back = torch.load(buf, weights_only=True)
+    before = gen.get_state()
+    torch.rand(5, generator=gen)
+    restore_rng(back, gpu, gen, distributed.Group(), Path("last.pt"))
+    assert torch.equal(gen.get_state(), before)
+    assert len(restored) == 1 and torch.equal(restored[0][0], cuda_rng) and restored[0][1] == gpu
+    restore_rng(cpu_state, gpu, gen, distributed.Group(), Path("last.pt"))  # a CPU checkpoint on a GPU: no error
+    assert len(restored) == 1
+
+
+def test_compile_auto_means_cuda_only():
+    assert use_compile("auto", torch.device("cuda", 0)) and not use_compile("auto", torch.device("cpu"))
+    assert use_compile(True, torch.device("cpu")) and not use_compile(False, torch.device("cuda"))
+
+
+def test_peak_flops_from_the_table_for_a_known_gpu_or_a_probe(monkeypatch):
+    flops, source = peak_flops("cpu")
+    assert flops > 1e8 and "probe" in source
+    for name, expected in [("NVIDIA H200", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA A100-SXM4-80GB", 312e12)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None, n=name: n)  # a stand-in GPU
+        peak_flops.cache_clear()
+        assert peak_flops("cuda", 0) == (expected, f"table: {name}")
+    peak_flops.cache_clear()
+
+
+def test_mfu_is_logged_and_compile_time_is_kept_out_of_tokens_per_s(workdir, monkeypatch):
+    monkeypatch.setattr(train_module, "COMPILE_BACKEND", "eager")  # dynamo's real trace, no C++ build here
+    params, model, gen, train, val, budget = setup(workdir, train={"max_steps": 6, "eval_every": 6,
+                                                                   "compile": True})
+    sink = Recorder()
+    fit(model, train, val, params.train, budget, generator=gen, ckpt_dir=workdir / "c", extra={}, sink=sink)
+    assert [s for s, _ in sink.metrics["perf/compile_s"]] == [1]  # once, for the first step
+    assert [s for s, _ in sink.metrics["tokens_per_s"]] == [2, 3, 4, 5, 6]
+    assert [s for s, _ in sink.metrics["perf/mfu"]] == [2, 3, 4, 5, 6]
+    assert all(0 < v < 1 for _, v in sink.metrics["perf/mfu"])
