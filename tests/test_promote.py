@@ -14,8 +14,8 @@ def write(path, obj):
 
 @pytest.fixture
 def root(tmp_path):
-    write(tmp_path / "metrics/eval/tiny.json", {"test_bpb": 1.50, "unigram_bpb": 2.20})
-    write(tmp_path / "metrics/eval/mini.json", {"test_bpb": 1.40, "unigram_bpb": 2.20})
+    write(tmp_path / "metrics/eval/tiny.json", {"test_bpb": 1.55, "test_bpb_context": 1.50, "unigram_bpb": 2.20})
+    write(tmp_path / "metrics/eval/mini.json", {"test_bpb": 1.45, "test_bpb_context": 1.40, "unigram_bpb": 2.20})
     write(tmp_path / "models/tiny/promotion.json", {"test_bpb": 1.50, "promoted": True})
     return tmp_path
 
@@ -24,7 +24,7 @@ def test_first_rung_is_judged_against_the_unigram_baseline(root):
     assert decide(tiny_params(root, promote={"baseline_margin": 0.5}), "tiny", root).promoted
     d = decide(tiny_params(root, promote={"baseline_margin": 0.8}), "tiny", root)
     assert not d.promoted and d.compared_to == "unigram"
-    assert d.reason == "test_bpb 1.5000 missed unigram baseline (2.2000) - baseline_margin 0.8 = 1.4000 by 0.1000"
+    assert d.reason == "test_bpb_context 1.5000 missed unigram baseline (2.2000) - baseline_margin 0.8 = 1.4000 by 0.1000"
 
 
 def test_later_rungs_must_beat_their_parent_by_the_margin(root):
@@ -36,7 +36,7 @@ def test_later_rungs_must_beat_their_parent_by_the_margin(root):
 
 def test_max_bpb_is_a_ceiling_on_top_of_the_margin(root):
     d = decide(tiny_params(root, promote={"min_improvement": 0.0, "max_bpb": 1.3}), "mini", root)
-    assert not d.promoted and d.reason == "test_bpb 1.4000 is above promote.max_bpb 1.3 by 0.1000"
+    assert not d.promoted and d.reason == "test_bpb_context 1.4000 is above promote.max_bpb 1.3 by 0.1000"
 
 
 def test_missing_inputs_name_the_stage_to_run(root):
@@ -59,6 +59,6 @@ def test_a_rejection_with_on_reject_continue_records_and_moves_no_alias(root):
     client = MlflowClient(track.tracking_uri(params.mlflow))
     assert client.get_run(run.id).data.tags["promote.decision"] == "rejected"
     assert client.search_registered_models() == []
-    with pytest.raises(Rejected, match="tiny not promoted: test_bpb 1.5000 missed"):
+    with pytest.raises(Rejected, match="tiny not promoted: test_bpb_context 1.5000 missed"):
         promote_rung(params.model_copy(update={"promote": params.promote.model_copy(update={"on_reject": "fail"})}),
                      "tiny", root)
