@@ -30,8 +30,9 @@ def setup(root: Path = ROOT) -> tuple[Params, dict, object, object]:
 
 def train(cfg: ModelConfig, params: Params, steps: int, warmup: int, train_tokens, val_tokens,
           state: dict | None = None, eval_every: int | None = None,
-          sink: MetricSink | None = None) -> tuple[torch.nn.Module, Progress, float]:
-    """The pipeline's own loop (fit) on a fresh model, or on `state`; returns model, progress, seconds."""
+          sink: MetricSink | None = None, lr: float | None = None) -> tuple[torch.nn.Module, Progress, float]:
+    """The pipeline's own loop (fit) on a fresh model, or on `state`, at peak `lr` (default train.lr);
+    returns model, progress, seconds."""
     tp = params.train.model_copy(update={"eval_every": eval_every or params.train.eval_every})
     generator = seed_everything(params.seed)
     model = build_model(cfg)
@@ -39,7 +40,7 @@ def train(cfg: ModelConfig, params: Params, steps: int, warmup: int, train_token
         model.load_state_dict(state)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as ckpt:
-        progress = fit(model, train_tokens, val_tokens, tp, Budget(steps, params.train.lr, warmup),
+        progress = fit(model, train_tokens, val_tokens, tp, Budget(steps, lr or params.train.lr, warmup),
                        generator=generator, ckpt_dir=Path(ckpt), extra={}, sink=sink)
     return model, progress, time.perf_counter() - start
 

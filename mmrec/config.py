@@ -29,6 +29,7 @@ class Section(BaseModel):
 
 
 PositiveInt = Annotated[int, Field(gt=0)]
+GROWTH_SPLIT = 0.5  # spread of the uneven shares that break the symmetry of width growth (growth.py)
 Fraction = Annotated[float, Field(gt=0, lt=0.5)]
 
 
@@ -126,6 +127,8 @@ class TrainParams(Section):
     min_lr: Annotated[float, Field(ge=0, le=1)] = 3e-4
     warmup_steps: Annotated[int, Field(ge=0)] = 50
     rewarmup_steps: Annotated[int, Field(ge=0)] = 20  # warmup of a rung grown from its parent
+    growth_lr_scale: Annotated[float, Field(gt=0, le=1)] = 0.2  # a grown rung's peak lr: lr x this (unless ladder.<rung>.lr)
+    growth_split: Annotated[float, Field(ge=0, le=2)] = GROWTH_SPLIT  # uneven shares of width copies; 0: even (symmetric)
     weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.1
     beta1: Annotated[float, Field(ge=0, lt=1)] = 0.9
     beta2: Annotated[float, Field(ge=0, lt=1)] = 0.99

@@ -11,7 +11,7 @@ from mmrec.data import tiling_starts
 from mmrec.device import resolve_device
 from mmrec.errors import UserError
 from mmrec.files import dvc_fix, write_json, write_text
-from mmrec.inference import bits_per_byte, generate, load_model, perplexity, score, text_bytes
+from mmrec.inference import bits_per_byte, generate, load_model, perplexity, score, score_context, text_bytes
 from mmrec.paths import RungPaths
 from mmrec.tokenizer import load_tokenizer, load_tokens, read_header
 
@@ -38,9 +38,16 @@ def samples(model: torch.nn.Module, sp, prompts: list[str], max_new_tokens: int,
     return "\n".join(out)
 
 
+# MLflow names of the full-context numbers (the other test metrics keep their JSON names there).
+CONTEXT_METRICS = {"test_loss_context": "test/loss_context", "test_bpb_context": "test/bpb_context"}
+
+
 def test_metrics(model: torch.nn.Module, params, root: Path = Path("."),
                  device: torch.device = torch.device("cpu")) -> dict[str, float]:
-    """Every test token scored once: loss, perplexity, bits per byte, top-1/top-5, and the unigram baseline."""
+    """Every test token scored once, two ways. test_*: windows of seq_len tokens, each from an empty state or
+    context (both archs see exactly the same history, 128 tokens on average). test_*_context: the whole stream
+    with all the context the arch can use (MM-Rec carries its state through it, GPT slides its window by half);
+    the gate's number (promote.GATE_METRIC). Plus perplexity, top-1/top-5 and the unigram baseline."""
     paths = RungPaths(root, "")
     tokens_dir = paths.tokens
     header = read_header(tokens_dir)
@@ -49,11 +56,14 @@ def test_metrics(model: torch.nn.Module, params, root: Path = Path("."),
     if params.evaluate.max_tokens:
         test = test[:params.evaluate.max_tokens]
     s = score(model, test, tiling_starts(len(test), params.train.seq_len), params.evaluate.batch_size, device)
+    c = score_context(model, test, params.train.seq_len, params.evaluate.batch_size, device)
+    assert c.tokens == s.tokens  # the same targets, so the same bytes
     n_bytes = text_bytes(sp, test[1:], sp.eos_id())
     uni = unigram_nll(load_tokens(tokens_dir, "train"), test, header["vocab_size"])
     return {"test_loss": s.loss, "test_ppl": perplexity(s.loss), "test_bpb": bits_per_byte(s.nll_sum, n_bytes),
             "test_top1": s.top1 / s.tokens, "test_top5": s.top5 / s.tokens, "test_tokens": s.tokens,
-            "test_bytes": n_bytes, "unigram_loss": uni / s.tokens, "unigram_bpb": bits_per_byte(uni, n_bytes)}
+            "test_bytes": n_bytes, "unigram_loss": uni / s.tokens, "unigram_bpb": bits_per_byte(uni, n_bytes),
+            "test_loss_context": c.loss, "test_bpb_context": bits_per_byte(c.nll_sum, n_bytes)}
 
 
 def evaluate_rung(params, rung: str, root: Path = Path(".")) -> dict[str, float]:
@@ -74,7 +84,9 @@ def evaluate_rung(params, rung: str, root: Path = Path(".")) -> dict[str, float]
 
     run = track.Run.resume(params.mlflow, track.read_run_id(model_dir), rung, {"rung": rung})
     with track.closed_on_failure(run):
-        run.log(ckpt["progress"]["step"], **metrics)
+        step = ckpt["progress"]["step"]
+        run.log(step, **{k: v for k, v in metrics.items() if k not in CONTEXT_METRICS})
+        run.log(step, **{name: metrics[k] for k, name in CONTEXT_METRICS.items()})
         run.log_artifact(model_dir / "samples.txt", "samples")
         run.end()
     return metrics

@@ -2,26 +2,34 @@
 
 Width x k (k an integer) tiles every channel k times. Unlike the design note's [x ... x] / k, the residual
 stream is tiled *unscaled*, [x ... x]: its mean square is unchanged, so every RMSNorm gives [n ... n]
-exactly, whatever its eps (the /k version is off by a k^2 * eps term). The tied head then reads
-[n ... n] through the final norm's weight divided by k, so the k copies of E n / k sum to the parent's E n.
-  - embedding E [V, D]: tiled along D (no scaling); the tied head is the same tensor;
-  - norms: weights tiled; the final norm's also divided by k;
-  - maps from [n ... n] to [z ... z] (HEM's z, g, o; FFN up; attention qkv; W_out, FFN down, attention proj
-    and the UBOO head, which all read and write tiled streams): tiled along both axes, divided by k;
-  - DPG down (HEM's last r rows): tiled along its input, divided by k: the rank stays r;
+exactly, whatever its eps (the /k version is off by a k^2 * eps term).
+  - embedding E [V, D]: tiled along D (no scaling); the tied head is the same tensor and reads [n ... n]
+    through the final norm, whose weight copies are shares s_j * g with sum_j s_j = 1, so the k copies of
+    E (s_j g n) sum to the parent's E g n;
+  - other norms: weights tiled;
+  - maps that read a tiled stream and write one (HEM's z, g, o; FFN up and down; attention qkv and proj;
+    W_out; the UBOO head): k x k blocks, block (i, j) = W * S_ij, where the shares S_ij of output copy i
+    over the input copies j sum to 1. Since the k inputs are equal, every output copy computes W n;
+  - DPG down (HEM's last r rows): split the same way along its input only: the rank stays r;
     DPG up: tiled along its output;
   - floors: unchanged. Channel c belongs to memory c % M and D is a multiple of M, so the copy
     j*D + c of channel c stays in memory c % M: M stays, each memory gets k times the channels;
   - FFN hidden: the child's has room for k copies of the parent's (ModelConfig.ffn_hidden floors to a
     multiple of 8); spare units keep their fresh init and get a zero FFN-down column.
+Symmetry: with even shares (S = 1/k, split = 0) the k copies of a unit get equal gradients and equal AdamW
+updates forever, so a k-times wider child stays the parent. Uneven random shares, S_ij = (1 + split * e_ij)/k
+with e_ij ~ N(0, 1) centred over j (drawn per weight), keep the function (the shares still sum to 1) but
+give each copy its own outgoing weights, so the copies see different gradients from the first step on.
 Depth: blocks appended after the parent's, freshly initialised with a zero W_out / attention proj and a zero
 FFN down, so each is the identity until trained. GPT grows by the same rules (heads double, head_dim stays).
-Noise N(0, noise * std(parent tensor)) is added to the tiled matrices when k > 1; noise = 0 is exact.
+Noise N(0, noise * std(grown tensor)) is added to the grown matrices when k > 1: it does change the function
+(the split does not); noise = 0 is exact.
 """
 from __future__ import annotations
 
 import torch
 
+from mmrec.config import GROWTH_SPLIT
 from mmrec.errors import UserError
 from mmrec.model import ModelConfig, build_model
 
@@ -55,48 +63,74 @@ def _fresh_state(cfg: ModelConfig, generator: torch.Generator | None) -> dict[st
         return build_model(cfg).state_dict()
 
 
-def _tile(w: torch.Tensor, k: int, rows: bool, cols: bool, scale: float) -> torch.Tensor:
-    return w.repeat(k if rows else 1, k if cols else 1) * scale
+def _shares(k: int, shape: torch.Size, split: float, generator: torch.Generator | None,
+            like: torch.Tensor) -> torch.Tensor:
+    """[k, *shape] random shares that sum to exactly 1 over the first axis: (1 + split * e_j) / k, e centred."""
+    e = torch.randn((k, *shape), generator=generator, dtype=torch.float64)
+    s = (1 + split * (e - e.mean(0))) / k
+    s[-1] = 1 - s[:-1].sum(0)  # the last share takes the rounding: the sum is 1 to the last bit
+    return s.to(like)
 
 
-def _grow(name: str, w: torch.Tensor, fresh: torch.Tensor, k: int, parent: ModelConfig) -> torch.Tensor:
-    """One parent tensor -> the child's (its shape and spare rows/columns taken from `fresh`)."""
-    D, H = parent.width, parent.ffn_hidden
-    parts = name.split(".")
-    leaf = parts[-2] if parts[-1] == "weight" else parts[-1]  # the module's name: 'hem', 'norm_h', 'up' ...
-    if name in ("wte.weight", "head.weight"):
-        return _tile(w, k, rows=False, cols=True, scale=1.0)
-    if leaf.startswith("norm"):
-        return w.repeat(k) / (k if name == "norm_f.weight" else 1)
-    if leaf == "floor_logit":
-        return w.clone()
-    if leaf == "hem":  # [z; g; o] tiled both ways, then the DPG down rows tiled along the input only
-        zgo, down = w[: 3 * D], w[3 * D:]
-        zgo = [_tile(p, k, True, True, 1.0 / k) for p in zgo.split(D)]
-        return torch.cat(zgo + [_tile(down, k, False, True, 1.0 / k)])
-    if leaf == "dpg_up":
-        return _tile(w, k, rows=True, cols=False, scale=1.0)
-    if leaf == "qkv":
-        return torch.cat([_tile(p, k, True, True, 1.0 / k) for p in w.split(D)])
-    if leaf in ("out", "proj", "predict"):
-        return _tile(w, k, True, True, 1.0 / k)
-    if leaf == "up":  # [gate; up] for swiglu, [up] for gelu: k copies of each, then the fresh spare units
-        child_h = fresh.shape[0] // (w.shape[0] // H)
-        grown = []
-        for p, f in zip(w.split(H), fresh.split(child_h)):
-            grown += [_tile(p, k, True, True, 1.0 / k), f[k * H:]]
-        return torch.cat(grown)
-    if leaf == "down":  # spare hidden units write nothing
-        grown = torch.zeros_like(fresh)
-        grown[:, : k * H] = _tile(w, k, True, True, 1.0 / k)
-        return grown
-    raise KeyError(f"growth has no rule for parameter {name!r}")
+class _Grower:
+    """Tiles parent tensors into the child's, splitting every read of a tiled stream unevenly (see module doc)."""
+
+    def __init__(self, k: int, parent: ModelConfig, split: float, generator: torch.Generator | None):
+        self.k, self.D, self.H, self.split, self.generator = k, parent.width, parent.ffn_hidden, split, generator
+
+    def tile(self, w: torch.Tensor, rows: bool) -> torch.Tensor:
+        """w [O, I] reading k equal input copies -> [k*O or O, k*I]: each output copy's k blocks sum to w."""
+        k = self.k
+        if k == 1:
+            return w.clone()
+        out = []
+        for _ in range(k if rows else 1):
+            s = _shares(k, w.shape, self.split, self.generator, w)
+            out.append(torch.cat([w * s[j] for j in range(k)], dim=1))
+        return torch.cat(out)
+
+    def __call__(self, name: str, w: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
+        """One parent tensor -> the child's (its shape and spare rows/columns taken from `fresh`)."""
+        k, D, H = self.k, self.D, self.H
+        parts = name.split(".")
+        leaf = parts[-2] if parts[-1] == "weight" else parts[-1]  # the module's name: 'hem', 'norm_h', 'up' ...
+        if name in ("wte.weight", "head.weight"):
+            return w.repeat(1, k)
+        if name == "norm_f.weight":  # the tied head reads through it: its copies are shares of g
+            return (w * _shares(k, w.shape, self.split, self.generator, w)).flatten()
+        if leaf.startswith("norm"):
+            return w.repeat(k)
+        if leaf == "floor_logit":
+            return w.clone()
+        if leaf == "hem":  # [z; g; o] split both ways, then the DPG down rows split along the input only
+            zgo, down = w[: 3 * D], w[3 * D:]
+            return torch.cat([self.tile(p, rows=True) for p in zgo.split(D)] + [self.tile(down, rows=False)])
+        if leaf == "dpg_up":  # reads the untiled rank-r bottleneck: nothing to split
+            return w.repeat(k, 1)
+        if leaf == "qkv":
+            return torch.cat([self.tile(p, rows=True) for p in w.split(D)])
+        if leaf in ("out", "proj", "predict"):
+            return self.tile(w, rows=True)
+        if leaf == "up":  # [gate; up] for swiglu, [up] for gelu: k copies of each, then the fresh spare units
+            child_h = fresh.shape[0] // (w.shape[0] // H)
+            grown = []
+            for p, f in zip(w.split(H), fresh.split(child_h)):
+                grown += [self.tile(p, rows=True), f[k * H:]]
+            return torch.cat(grown)
+        if leaf == "down":  # spare hidden units write nothing
+            grown = torch.zeros_like(fresh)
+            grown[:, : k * H] = self.tile(w, rows=True)
+            return grown
+        raise KeyError(f"growth has no rule for parameter {name!r}")
 
 
 def grow_state_dict(parent_sd: dict[str, torch.Tensor], parent_cfg: ModelConfig, child_cfg: ModelConfig,
-                    noise: float = 0.0, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """A state dict for build_model(child_cfg) that computes the parent's function (exactly when noise = 0)."""
+                    noise: float = 0.0, generator: torch.Generator | None = None,
+                    split: float = GROWTH_SPLIT) -> dict[str, torch.Tensor]:
+    """A state dict for build_model(child_cfg) that computes the parent's function (exactly when noise = 0,
+    whatever the split: up to float rounding)."""
     k = width_factor(parent_cfg, child_cfg)
+    grow = _Grower(k, parent_cfg, split, generator)
     fresh = _fresh_state(child_cfg, generator)
     like = parent_sd["wte.weight"]  # the child's tensors get the parent's dtype and device
     fresh = {name: t.to(like) for name, t in fresh.items()}
@@ -104,10 +138,10 @@ def grow_state_dict(parent_sd: dict[str, torch.Tensor], parent_cfg: ModelConfig,
     for name, w in parent_sd.items():
         if name not in fresh:  # e.g. the UBOO heads of a parent whose child has UBOO off
             continue
-        grown = _grow(name, w, fresh[name], k, parent_cfg)
+        grown = grow(name, w, fresh[name])
         if noise > 0 and k > 1 and w.dim() == 2:
             jitter = torch.randn(grown.shape, generator=generator, dtype=w.dtype).to(w.device)
-            grown = grown + jitter * (noise * w.std())
+            grown = grown + jitter * (noise * grown.std())
         out[name] = grown
     out["head.weight"] = out["wte.weight"]  # tied: one tensor under both names
     for i in range(parent_cfg.layers, child_cfg.layers):  # new blocks: identity until trained

@@ -1,5 +1,5 @@
-"""Running a trained model: scoring token windows (token-weighted NLL, accuracy, bits per byte),
-generating text, and loading a checkpoint. No tracking, no files besides the checkpoint read."""
+"""Running a trained model: scoring token windows or a whole stream with its full context (token-weighted NLL,
+accuracy, bits per byte), generating text, and loading a checkpoint. No tracking, no files besides the checkpoint read."""
 from __future__ import annotations
 
 import math
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from mmrec import checkpoint
-from mmrec.data import window
+from mmrec.data import tiling_starts, window
 from mmrec.errors import UserError
 from mmrec.model import ModelConfig, build_model
 
@@ -44,28 +44,72 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, 700.0))  # exp overflows past ~709
 
 
+def _scores(logits: torch.Tensor, y: torch.Tensor) -> Scores:
+    logits = logits.float()
+    nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
+    top5 = logits.topk(min(5, logits.size(-1)), dim=-1).indices
+    return Scores(nll.item(), y.numel(), (top5[..., 0] == y).sum().item(), (top5 == y[..., None]).any(-1).sum().item())
+
+
 @torch.no_grad()
-def score(model: torch.nn.Module, tokens: np.ndarray, windows: list[tuple[int, int]],
+def score(model: torch.nn.Module, tokens: np.ndarray, windows: list[tuple[int, ...]],
           batch_size: int, device: torch.device) -> Scores:
-    """Score (start, length) windows; windows of equal length are batched together."""
+    """Score (start, length) windows, or (start, length, skip) ones whose first `skip` targets are context only;
+    windows of equal shape are batched together."""
     was_training = model.training
     model.eval()
     total = Scores()
-    by_len: dict[int, list[int]] = {}
-    for start, length in windows:
-        by_len.setdefault(length, []).append(start)
-    for length, starts in by_len.items():
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for start, length, *skip in windows:
+        by_shape.setdefault((length, skip[0] if skip else 0), []).append(start)
+    for (length, skip), starts in by_shape.items():
         for i in range(0, len(starts), batch_size):
             pairs = [window(tokens, s, length) for s in starts[i:i + batch_size]]
             x = torch.stack([p[0] for p in pairs]).to(device)
             y = torch.stack([p[1] for p in pairs]).to(device)
-            logits = model(x).logits.float()
-            nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
-            top5 = logits.topk(min(5, logits.size(-1)), dim=-1).indices
-            total.add(Scores(nll.item(), y.numel(), (top5[..., 0] == y).sum().item(),
-                             (top5 == y[..., None]).any(-1).sum().item()))
+            total.add(_scores(model(x).logits[:, skip:], y[:, skip:]))
     model.train(was_training)
     return total
+
+
+def sliding_windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
+    """(start, length, skip) windows over a stream that score every target (tokens[1:]) exactly once: the first
+    window scores all of its seq_len targets, each later one slides by `stride` and scores only its last
+    `stride` targets, so each of those has at least seq_len - stride tokens of context."""
+    out, done = [], 0  # done: targets scored so far; target p is tokens[p + 1], predicted from tokens[:p + 1]
+    while done < n_tokens - 1:
+        end = min(done + (stride if out else seq_len), n_tokens - 1)
+        start = max(0, end - seq_len)
+        out.append((start, end - start, done - start))
+        done = end
+    return out
+
+
+@torch.no_grad()
+def score_carried(model: torch.nn.Module, tokens: np.ndarray, window_len: int, device: torch.device) -> Scores:
+    """MM-Rec over the whole stream in one pass: consecutive windows, each starting from the recurrent state
+    the previous one ended in, so every target is scored once with its whole history (the window length
+    only bounds memory, it changes no number beyond float rounding)."""
+    was_training = model.training
+    model.eval()
+    total, state = Scores(), None
+    for start, length in tiling_starts(len(tokens), window_len):
+        x, y = window(tokens, start, length)
+        out = model(x[None].to(device), state=state)
+        state = out.state
+        total.add(_scores(out.logits, y[None].to(device)))
+    model.train(was_training)
+    return total
+
+
+def score_context(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batch_size: int,
+                  device: torch.device) -> Scores:
+    """Every target of the stream scored once, with all the context its arch can use: MM-Rec carries its state
+    through the whole stream; GPT, whose attention was trained on seq_len tokens, slides windows of seq_len
+    by seq_len / 2, so each target after the first window sees at least half a window."""
+    if model.cfg.arch == "mmrec":
+        return score_carried(model, tokens, seq_len * batch_size, device)
+    return score(model, tokens, sliding_windows(len(tokens), seq_len, max(1, seq_len // 2)), batch_size, device)
 
 
 @torch.no_grad()

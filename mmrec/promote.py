@@ -26,6 +26,11 @@ from mmrec.files import load_json, sha256_file, write_json
 from mmrec.paths import RungPaths
 
 
+# The gate's number: test bits per byte with the full context each arch can use (evaluate.test_metrics). Both
+# archs are scored the same way on the same stream (every target once, in order, as a compressor would), and
+# a rung always meets its parent in the same arch; the windowed test_bpb stays beside it as the control.
+GATE_METRIC = "test_bpb_context"
+
 
 class Rejected(UserError):
     pass
@@ -36,7 +41,7 @@ class Decision:
     rung: str
     promoted: bool
     reason: str
-    test_bpb: float
+    test_bpb: float  # the value of `metric`, the gate's number
     compared_to: str  # "unigram" or the nearest promoted ancestor
     reference_bpb: float
     threshold_bpb: float
@@ -50,6 +55,7 @@ class Decision:
     champion: bool = False  # whether `champion` points at this version after the decision
     champion_reason: str = ""
     aliases: dict[str, str] = field(default_factory=dict)  # alias -> "moved: why" / "stayed: why" / "kept: ..."
+    metric: str = GATE_METRIC
 
 
 def reference(params: Params, rung: str, root: Path) -> tuple[str | None, float | None, list[str]]:
@@ -66,11 +72,12 @@ def reference(params: Params, rung: str, root: Path) -> tuple[str | None, float 
 
 
 def decide(params: Params, rung: str, root: Path = Path(".")) -> Decision:
-    """Promote when test bits/byte beats the nearest promoted ancestor by promote.min_improvement (none: the
-    unigram baseline by promote.baseline_margin), and stays under promote.max_bpb when that is set."""
+    """Promote when GATE_METRIC (test bits/byte, full context) beats the nearest promoted ancestor by
+    promote.min_improvement (none: the unigram baseline by promote.baseline_margin), and stays under
+    promote.max_bpb when that is set."""
     p = params.promote
     metrics = load_json(RungPaths(root, rung).eval_metrics, f"evaluate@{rung}")
-    bpb = metrics["test_bpb"]
+    bpb = metrics[GATE_METRIC]
     ref_rung, ref, passed = reference(params, rung, root)
     if ref_rung is not None:
         threshold, what = ref - p.min_improvement, f"{ref_rung} ({ref:.4f}) - min_improvement {p.min_improvement}"
@@ -80,11 +87,11 @@ def decide(params: Params, rung: str, root: Path = Path(".")) -> Decision:
     if passed:
         what += f" (not promoted, so no reference: {', '.join(passed)})"
     if bpb > threshold:
-        promoted, reason = False, f"test_bpb {bpb:.4f} missed {what} = {threshold:.4f} by {bpb - threshold:.4f}"
+        promoted, reason = False, f"{GATE_METRIC} {bpb:.4f} missed {what} = {threshold:.4f} by {bpb - threshold:.4f}"
     elif p.max_bpb and bpb > p.max_bpb:
-        promoted, reason = False, f"test_bpb {bpb:.4f} is above promote.max_bpb {p.max_bpb} by {bpb - p.max_bpb:.4f}"
+        promoted, reason = False, f"{GATE_METRIC} {bpb:.4f} is above promote.max_bpb {p.max_bpb} by {bpb - p.max_bpb:.4f}"
     else:
-        promoted, reason = True, f"test_bpb {bpb:.4f} <= {what} = {threshold:.4f}"
+        promoted, reason = True, f"{GATE_METRIC} {bpb:.4f} <= {what} = {threshold:.4f}"
         if p.max_bpb:
             reason += f" and <= max_bpb {p.max_bpb}"
     return Decision(rung, promoted, reason, bpb, ref_rung or "unigram", ref, threshold, passed)
@@ -184,7 +191,7 @@ def publish(run, d: Decision, params: Params, paths: RungPaths) -> None:
     p, c, rung = params.promote, run.client, d.rung
     name = d.registered_model = p.registered_model
     run_tags = c.get_run(run.id).data.tags
-    tags = {"rung": rung, "test_bpb": repr(d.test_bpb), "dvc_exp_name": d.dvc_exp_name,
+    tags = {"rung": rung, "test_bpb": repr(d.test_bpb), "gate_metric": d.metric, "dvc_exp_name": d.dvc_exp_name,
             "git_commit": run_tags.get("git_commit", ""), "data_sha256": d.data_sha256,
             "tokenizer_sha256": run_tags.get("tokenizer_sha256", ""),
             "params_hash": run_tags.get("params_hash", params.digest()), "checkpoint_sha256": d.checkpoint_sha256,

@@ -298,8 +298,9 @@ def budget_for(params: Params, rung_name: str, world: int = 1) -> Budget:
     steps = rung.max_steps or tp.max_steps
     if tp.max_tokens:
         steps = min(steps, math.ceil(tp.max_tokens / (tp.batch_size * tp.seq_len * tp.grad_accum * world)))
-    warmup = tp.rewarmup_steps if rung.parent else tp.warmup_steps
-    return Budget(steps=steps, lr=rung.lr or tp.lr, warmup=min(warmup, steps))
+    if rung.parent:  # a grown rung starts at its parent's loss: a lower peak keeps AdamW's first steps from undoing it
+        return Budget(steps=steps, lr=rung.lr or tp.lr * tp.growth_lr_scale, warmup=min(tp.rewarmup_steps, steps))
+    return Budget(steps=steps, lr=rung.lr or tp.lr, warmup=min(tp.warmup_steps, steps))
 
 
 def fingerprint(params: Params, rung_name: str, header: dict[str, Any], parent_sha: str) -> str:
@@ -343,12 +344,14 @@ def train_rung(params: Params, rung_name: str, root: Path = Path(".")) -> dict[s
     parent_losses: dict[str, float] = {}
     if parent_best is not None and resume is None:
         parent_losses = grow_into(model, parent_best, params, val_tokens, device)
+    elif resume is not None:  # kept in the checkpoints, for the head-start figure at the end
+        parent_losses = {k: resume[k] for k in ("parent_val_loss", "grown_val_loss") if k in resume}
 
     run = None
     if group.main:
         run = open_run(params, paths, cfg, header, fp, resume, budget, count_params(model), parent_losses)
     extra = {"config": cfg.to_dict(), "fingerprint": fp, "run_id": run.id if run else "",
-             "tokenizer_sha256": header["tokenizer_sha256"], "rung": rung_name}
+             "tokenizer_sha256": header["tokenizer_sha256"], "rung": rung_name, **parent_losses}
     from mmrec.track import closed_on_failure
 
     with closed_on_failure(run):  # a fault or Ctrl-C ends the run FAILED / KILLED, never left RUNNING
@@ -359,6 +362,9 @@ def train_rung(params: Params, rung_name: str, root: Path = Path(".")) -> dict[s
             distributed.shutdown(group)
         if run is None:
             return None
+        if parent_losses:  # did the grown rung keep its head start? the largest rise above the parent at any evaluation
+            rise = max(r["val_loss"] for r in progress.history) - parent_losses["parent_val_loss"]
+            run.log(progress.step, **{"growth/max_val_rise": rise})
         metrics = write_outputs(paths, run, progress, cfg, count_params(model), params)
     shutil.rmtree(paths.ckpt)  # finished: a forced rerun starts from scratch rather than resuming the end
     return metrics
@@ -387,7 +393,7 @@ def grow_into(model: torch.nn.Module, parent_best: Path, params: Params, val: np
     parent = checkpoint.load(parent_best, dvc_fix(f"train@{parent_best.parent.name}"), keys=("model", "config"))
     parent_cfg = ModelConfig.from_dict(parent["config"])
     grown = grow_state_dict(parent["model"], parent_cfg, model.cfg, noise=params.promote.growth_noise,
-                            generator=torch.Generator().manual_seed(params.seed))
+                            generator=torch.Generator().manual_seed(params.seed), split=params.train.growth_split)
     model.load_state_dict(grown)
     parent_model = build_model(parent_cfg).to(device)
     parent_model.load_state_dict(parent["model"])

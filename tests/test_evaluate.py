@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from mmrec.evaluate import unigram_nll
-from mmrec.inference import bits_per_byte, generate, perplexity, score, text_bytes
+from mmrec.inference import (bits_per_byte, generate, perplexity, score, score_carried, score_context, sliding_windows,
+                              text_bytes)
 from mmrec.model import ModelConfig, build_model
 from mmrec.tokenizer import load_tokenizer, load_tokens, read_header
 
@@ -45,6 +46,40 @@ def test_score_weights_every_token_not_every_batch():
     assert s.tokens == 65 and s.loss == pytest.approx(every.mean().item(), rel=1e-5)
     means = [t.mean().item() for t in [torch.cat(nll[:2]), nll[2]]]
     assert abs(s.loss - sum(means) / 2) > 1e-3  # a mean of batch means would be another number
+
+
+def test_carried_state_over_two_windows_equals_one_window_over_both():
+    model = small_model("mmrec")
+    tokens = np.random.default_rng(1).integers(0, 50, 201).astype(np.uint16)
+    whole = score(model, tokens, [(0, 200)], batch_size=1, device=torch.device("cpu"))
+    carried = score_carried(model, tokens, 100, torch.device("cpu"))  # two windows, the state handed over
+    assert carried.tokens == whole.tokens == 200 and carried.top1 == whole.top1
+    assert carried.nll_sum == pytest.approx(whole.nll_sum, rel=1e-5)
+    cold = score(model, tokens, [(0, 100), (100, 100)], batch_size=2, device=torch.device("cpu"))
+    assert abs(cold.nll_sum - whole.nll_sum) > 1e-3  # without the state the second window is another number
+    assert score_context(model, tokens, 50, 2, torch.device("cpu")).nll_sum == pytest.approx(whole.nll_sum, rel=1e-5)
+
+
+@pytest.mark.parametrize("n, seq_len, stride", [(201, 32, 16), (1000, 256, 128), (40, 64, 32), (2, 8, 4),
+                                                (130, 33, 16)])
+def test_sliding_windows_score_every_target_once_with_half_a_window_of_context(n, seq_len, stride):
+    scored = []
+    for i, (start, length, skip) in enumerate(sliding_windows(n, seq_len, stride)):
+        assert 0 <= start and start + length <= n - 1 and length <= seq_len  # inputs and targets inside the stream
+        assert i == 0 or skip >= seq_len - stride  # a later window's first scored target has half a window behind it
+        scored += range(start + skip, start + length)  # target p is tokens[p + 1]
+    assert sorted(scored) == list(range(n - 1))
+
+
+def test_gpt_sliding_score_is_the_nll_of_each_target_once():
+    model = small_model("gpt")
+    tokens = np.random.default_rng(2).integers(0, 50, 90).astype(np.uint16)
+    s = score_context(model, tokens, 32, 4, torch.device("cpu"))  # windows of 32 sliding by 16
+    expected, tokens_t = 0.0, torch.from_numpy(tokens.astype(np.int64))
+    for start, length, skip in sliding_windows(len(tokens), 32, 16):
+        logits = model(tokens_t[None, start:start + length]).logits[0, skip:]
+        expected += F.cross_entropy(logits, tokens_t[start + 1 + skip:start + length + 1], reduction="sum").item()
+    assert s.tokens == 89 and s.nll_sum == pytest.approx(expected, rel=1e-5)
 
 
 def test_text_bytes_counts_the_utf8_bytes_the_tokens_encode(tokenized):

@@ -21,8 +21,8 @@ def write(path, obj):
 
 @pytest.fixture
 def root(tmp_path):
-    write(tmp_path / "metrics/eval/tiny.json", {"test_bpb": 1.50, "unigram_bpb": 2.20})
-    write(tmp_path / "metrics/eval/mini.json", {"test_bpb": 1.40, "unigram_bpb": 2.20})
+    write(tmp_path / "metrics/eval/tiny.json", {"test_bpb": 1.55, "test_bpb_context": 1.50, "unigram_bpb": 2.20})
+    write(tmp_path / "metrics/eval/mini.json", {"test_bpb": 1.45, "test_bpb_context": 1.40, "unigram_bpb": 2.20})
     write(tmp_path / "models/tiny/promotion.json", {"test_bpb": 1.50, "promoted": True})
     (tmp_path / "models/tiny/best.pt").write_bytes(b"weights")
     return tmp_path
@@ -32,7 +32,7 @@ def test_first_rung_is_judged_against_the_unigram_baseline(root):
     assert decide(tiny_params(root, promote={"baseline_margin": 0.5}), "tiny", root).promoted
     d = decide(tiny_params(root, promote={"baseline_margin": 0.8}), "tiny", root)
     assert not d.promoted and d.compared_to == "unigram"
-    assert d.reason == "test_bpb 1.5000 missed unigram baseline (2.2000) - baseline_margin 0.8 = 1.4000 by 0.1000"
+    assert d.reason == "test_bpb_context 1.5000 missed unigram baseline (2.2000) - baseline_margin 0.8 = 1.4000 by 0.1000"
 
 
 def test_later_rungs_must_beat_their_parent_by_the_margin(root):
@@ -43,7 +43,7 @@ def test_later_rungs_must_beat_their_parent_by_the_margin(root):
 
 
 def test_a_rejected_rung_is_never_a_reference(root):
-    write(root / "metrics/eval/small.json", {"test_bpb": 1.42, "unigram_bpb": 2.20})
+    write(root / "metrics/eval/small.json", {"test_bpb": 1.44, "test_bpb_context": 1.42, "unigram_bpb": 2.20})
     write(root / "models/mini/promotion.json", {"test_bpb": 1.45, "promoted": False})
     params = tiny_params(root, **THREE_RUNGS)
     d = decide(params, "small", root)  # beats the rejected mini (1.45), not the promoted tiny by 0.1
@@ -59,7 +59,7 @@ def test_a_rejected_rung_is_never_a_reference(root):
 
 def test_max_bpb_is_a_ceiling_on_top_of_the_margin(root):
     d = decide(tiny_params(root, promote={"min_improvement": 0.0, "max_bpb": 1.3}), "mini", root)
-    assert not d.promoted and d.reason == "test_bpb 1.4000 is above promote.max_bpb 1.3 by 0.1000"
+    assert not d.promoted and d.reason == "test_bpb_context 1.4000 is above promote.max_bpb 1.3 by 0.1000"
 
 
 def test_missing_inputs_name_the_stage_to_run(root):
@@ -108,7 +108,8 @@ def rung_with_checkpoint(root, params, rung, test_bpb, unigram_bpb=2.2, seed=0):
     save_atomic({"model": build_model(cfg).state_dict(), "progress": {"step": 0}, "config": cfg.to_dict(),
                  "run_id": run.id, "tokenizer_sha256": header["tokenizer_sha256"], "rung": rung}, paths.best)
     write(paths.run_file, {"run_id": run.id})
-    write(paths.eval_metrics, {"test_bpb": test_bpb, "unigram_bpb": unigram_bpb, "test_loss": 3.0})
+    write(paths.eval_metrics, {"test_bpb": test_bpb + 0.01, "test_bpb_context": test_bpb, "unigram_bpb": unigram_bpb,
+                               "test_loss": 3.0})
     return paths
 
 
@@ -134,7 +135,7 @@ def test_a_rejected_first_rung_leaves_the_next_to_the_baseline_margin(workdir):
     assert not d.promoted and d.compared_to == "unigram" and d.passed_over == ["tiny"]
     assert registry_state(params) == []
 
-    write(workdir / "metrics/eval/mini.json", {"test_bpb": 1.25, "unigram_bpb": 2.2})
+    write(workdir / "metrics/eval/mini.json", {"test_bpb": 1.26, "test_bpb_context": 1.25, "unigram_bpb": 2.2})
     d = promote_rung(params, "mini", workdir)
     assert d.promoted and d.model_version == "1" and d.champion
     assert d.aliases == {"champion": "moved: champion pointed at no version",
