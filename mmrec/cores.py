@@ -43,11 +43,15 @@ class CoreShare:
         self.current = 0
         self._checked = 0.0
         registry.mkdir(parents=True, exist_ok=True)
-        self.entry.write_text(str(psutil.Process().create_time()))
+        tmp = registry / f".{os.getpid()}.tmp"  # renamed in whole: a reader never sees it half-written
+        tmp.write_text(str(psutil.Process().create_time()))
+        os.replace(tmp, self.entry)
 
     def live(self) -> int:
         n = 0
         for entry in self.registry.iterdir():
+            if entry.name.startswith("."):
+                continue
             if _alive(entry):
                 n += 1
             else:
