@@ -189,8 +189,9 @@ def pipeline_key(params: Params) -> str:
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
-def _short(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
+def _short(value: Any, limit: int = 24) -> str:
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def changed_params(root: Path = Path(".")) -> dict[str, Any]:
@@ -226,9 +227,14 @@ def store_lock(uri: str) -> FileLock:
     return FileLock(Path(tempfile.gettempdir()) / f"mmrec-runs-{hashlib.sha256(uri.encode()).hexdigest()[:12]}.lock")
 
 
+def name_tag(base: str) -> str:
+    """The tag value of runs named `base` (a digest: a name may hold quotes that a search filter cannot)."""
+    return hashlib.sha256(base.encode()).hexdigest()[:16]
+
+
 def unique_name(c: MlflowClient, exp_id: str, base: str) -> str:
     """`base`, or `base #n` when n - 1 runs already carry it (call under store_lock)."""
-    taken = c.search_runs([exp_id], filter_string=f"tags.`mmrec.name_base` = '{base}'", max_results=1000)
+    taken = c.search_runs([exp_id], filter_string=f"tags.`mmrec.name_base` = '{name_tag(base)}'", max_results=1000)
     return base if not taken else f"{base} #{len(taken) + 1}"
 
 
@@ -366,7 +372,7 @@ def pipeline_run(params: Params, label: str, inputs: list[DatasetInput]) -> str:
             return found[0].info.run_id
         exp = os.environ.get("DVC_EXP_NAME")
         base = f"pipeline · {label}" + (f" · {exp}" if exp else "")
-        tags = {**context_tags(), "mmrec.pipeline": key, "mmrec.name_base": base, "kind": "pipeline"}
+        tags = {**context_tags(), "mmrec.pipeline": key, "mmrec.name_base": name_tag(base), "kind": "pipeline"}
         run = c.create_run(exp_id, run_name=unique_name(c, exp_id, base), tags=tags)
     parent = Run(c, run.info.run_id)
     parent.log_params(params.flat())
@@ -387,7 +393,8 @@ def start_rung_run(params: Params, rung: str, tags: dict[str, str], root: Path =
     c = client(params.mlflow)
     with store_lock(tracking_uri(params.mlflow)):
         name = unique_name(c, experiment_id(c, params.mlflow), base)
-        run = Run.start(params.mlflow, name, {**tags, "mmrec.name_base": base, "kind": "rung"}, parent_id=parent_id)
+        run = Run.start(params.mlflow, name, {**tags, "mmrec.name_base": name_tag(base), "kind": "rung"},
+                        parent_id=parent_id)
     run.log_inputs(inputs)
     return run
 
