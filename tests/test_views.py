@@ -179,7 +179,8 @@ def readme_block(name: str) -> str:
 def test_the_readme_daily_loop_does_what_it_says_when_pasted_in_order(project, tmp_path):
     root, set_params = project
     set_params(ladder={"tiny": {"width": 32, "layers": 1, "memories": 2, "after": "data/tokens"}},
-               train={"max_steps": 10, "eval_every": 5})  # a one-rung ladder and small budgets: the block is under test
+               train={"max_steps": 30, "eval_every": 10},  # one rung, small budgets: the block is under test,
+               promote={"on_reject": "continue"})          # not whether lr 1e-3 learns enough in 30 steps
     dvc(root, "repro")
     commit(root, "baseline")  # a fresh clone after the quick start
     params_before = (root / "params.yaml").read_text()
