@@ -33,8 +33,8 @@ class Speed:
         self.tok_s: list[float] = []
 
     def log(self, step: int, **metrics: float) -> None:
-        if "tokens_per_s" in metrics:
-            self.tok_s.append(metrics["tokens_per_s"])
+        if "perf/tokens_per_s" in metrics:
+            self.tok_s.append(metrics["perf/tokens_per_s"])
 
     def flush(self) -> None:
         pass

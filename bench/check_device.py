@@ -84,7 +84,7 @@ def main() -> None:
                                ckpt_dir=Path(ckpt), extra={}, device=device, sink=sink)
             seconds = time.perf_counter() - start
             peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
-            print(f"| {arch} | {compile_} | {count_params(model):,} | {args.steps} | {sink.median('tokens_per_s'):,.0f} | "
+            print(f"| {arch} | {compile_} | {count_params(model):,} | {args.steps} | {sink.median('perf/tokens_per_s'):,.0f} | "
                   f"{100 * sink.median('perf/mfu'):.1f} % | {sink.median('perf/compile_s'):.1f} | "
                   f"{progress.history[0]['train_loss']:.3f} | {progress.best_val:.3f} | {peak:,.0f} | {seconds:.1f} |",
                   flush=True)

@@ -21,8 +21,11 @@ STATUSES = ["FINISHED", "RUNNING", "FAILED", "KILLED", "SCHEDULED"]
 # column -> where mlflow.search_runs puts it; tokens_per_s is the run's median, logged once at the end
 RUN_COLUMNS = {"run_id": "run_id", "run_name": "tags.mlflow.runName", "rung": "tags.rung",
                "dvc_exp": "tags.dvc_exp_name", "status": "status"}
-HEADLINE = {"test_bpb": "metrics.test_bpb", "best_val_loss": "metrics.best_val_loss",
-            "tokens_per_s": "metrics.median_tokens_per_s", "n_params": "params.n_params", "test_loss": "metrics.test_loss"}
+HEADLINE = {"test_bpb": "metrics.test/bpb", "best_val_loss": "metrics.summary/best_val_loss",
+            "tokens_per_s": "metrics.perf/median_tokens_per_s", "n_params": "params.n_params",
+            "test_loss": "metrics.test/loss"}
+VAL_CURVE = "loss/val"
+KIND = "tags.kind"  # 'pipeline' for the parent run of one pipeline execution: not a model, never compared
 PLOT_SUFFIXES = {".png", ".svg", ".pdf"}
 SHORT_ID = 8
 
@@ -37,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="only runs with this status, or 'all' (default: FINISHED)")
     p.add_argument("--last", type=int, metavar="N", help="only the N most recently started of the selected runs")
     p.add_argument("--csv", type=Path, metavar="FILE", help="also write the table here (full run ids)")
-    p.add_argument("--plot", type=Path, metavar="FILE.png", help="overlay the val_loss curves of the selected runs")
+    p.add_argument("--plot", type=Path, metavar="FILE.png", help="overlay the val loss curves of the selected runs")
     p.add_argument("--tracking-uri", help="MLflow store (default: params.yaml mlflow.tracking_uri / MLFLOW_TRACKING_URI)")
     args = p.parse_args(argv)
     if args.last is not None and args.last < 1:
@@ -49,12 +52,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def complete(runs: pd.DataFrame) -> pd.DataFrame:
     """Add the columns a store without such tags or metrics (yet) lacks, empty, so every filter and column works."""
-    return runs.reindex(columns=runs.columns.union(list(RUN_COLUMNS.values()) + list(HEADLINE.values()), sort=False))
+    return runs.reindex(columns=runs.columns.union(list(RUN_COLUMNS.values()) + list(HEADLINE.values()) + [KIND],
+                                                   sort=False))
 
 
 def select(runs: pd.DataFrame, rung: str | None, dvc_exps: list[str], status: str, last: int | None) -> pd.DataFrame:
     """The runs that pass every filter; --last keeps the most recently started of those."""
-    keep = pd.Series(True, index=runs.index)
+    keep = runs[KIND] != "pipeline"
     if rung is not None:
         keep &= runs["tags.rung"] == rung
     if dvc_exps:
@@ -144,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         write_csv(table, args.csv)
         print(f"wrote {args.csv}")
     if args.plot is not None:
-        histories = track.metric_histories(uri, list(table["run_id"]), "val_loss")
+        histories = track.metric_histories(uri, list(table["run_id"]), VAL_CURVE)
         write_plot({curve_label(row): histories[row["run_id"]] for _, row in table.iterrows()}, args.plot)
         print(f"wrote {args.plot}")
     return 0

@@ -139,7 +139,7 @@ class TrainParams(Section):
     eval_windows: PositiveInt = 32  # fixed validation windows of seq_len tokens
     patience: Annotated[int, Field(ge=0)] = 0  # evaluations without improvement; 0 never stops early
     log_every: PositiveInt = 10
-    threads: Annotated[int, Field(ge=0, le=1024)] = 0  # 0: all cores (shared among nproc processes)
+    threads: Annotated[int, Field(ge=0, le=1024)] = 0  # 0: a fair share, cores / trainings running at once (mmrec/cores.py)
     nproc: Annotated[int, Field(ge=1, le=1024)] = 1  # data-parallel processes on this machine (torchrun)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: Literal["auto", True, False] = "auto"  # auto: torch.compile on CUDA, eager on the CPU
@@ -176,6 +176,7 @@ class MlflowParams(Section):
     artifact_root: str = "mlruns"
     experiment: Annotated[str, Field(min_length=1)] = "mmrec"
     lock_timeout_s: Annotated[float, Field(ge=0, le=86400)] = 120.0  # wait this long for a locked sqlite store
+    system_metrics: bool = True  # MLflow's CPU/memory/GPU sampling of every run (false: off)
 
 
 class Params(Section):

@@ -9,9 +9,11 @@ import torch
 from mmrec import track
 from mmrec.data import tiling_starts
 from mmrec.device import resolve_device
+from mmrec.cores import CoreShare
 from mmrec.errors import UserError
 from mmrec.files import dvc_fix, write_json, write_text
 from mmrec.inference import bits_per_byte, generate, load_model, perplexity, score, score_context, text_bytes
+from mmrec.model import count_params
 from mmrec.paths import RungPaths
 from mmrec.tokenizer import load_tokenizer, load_tokens, read_header
 
@@ -38,10 +40,6 @@ def samples(model: torch.nn.Module, sp, prompts: list[str], max_new_tokens: int,
     return "\n".join(out)
 
 
-# MLflow names of the full-context numbers (the other test metrics keep their JSON names there).
-CONTEXT_METRICS = {"test_loss_context": "test/loss_context", "test_bpb_context": "test/bpb_context"}
-
-
 def test_metrics(model: torch.nn.Module, params, root: Path = Path("."),
                  device: torch.device = torch.device("cpu")) -> dict[str, float]:
     """Every test token scored once, two ways. test_*: windows of seq_len tokens, each from an empty state or
@@ -60,10 +58,18 @@ def test_metrics(model: torch.nn.Module, params, root: Path = Path("."),
     assert c.tokens == s.tokens  # the same targets, so the same bytes
     n_bytes = text_bytes(sp, test[1:], sp.eos_id())
     uni = unigram_nll(load_tokens(tokens_dir, "train"), test, header["vocab_size"])
+    # test_bytes_scored: UTF-8 bytes of the scored tokens (all but the first, which nothing predicts), the
+    # denominator of bits per byte; it is a little under the split's text bytes in metrics/tokenizer.json
     return {"test_loss": s.loss, "test_ppl": perplexity(s.loss), "test_bpb": bits_per_byte(s.nll_sum, n_bytes),
-            "test_top1": s.top1 / s.tokens, "test_top5": s.top5 / s.tokens, "test_tokens": s.tokens,
-            "test_bytes": n_bytes, "unigram_loss": uni / s.tokens, "unigram_bpb": bits_per_byte(uni, n_bytes),
+            "test_top1": s.top1 / s.tokens, "test_top5": s.top5 / s.tokens, "test_tokens_scored": s.tokens,
+            "test_bytes_scored": n_bytes, "unigram_loss": uni / s.tokens, "unigram_bpb": bits_per_byte(uni, n_bytes),
             "test_loss_context": c.loss, "test_bpb_context": bits_per_byte(c.nll_sum, n_bytes)}
+
+
+def summary(rung: str, test_bpb: float, best_val_loss: float, n_params: int) -> dict[str, dict[str, float]]:
+    """The rung's headline under its own name, so `dvc exp show` heads the columns 'tiny.bpb', 'mini.bpb', ...
+    (keys unique across files keep DVC from prefixing the file path)."""
+    return {rung: {"bpb": round(test_bpb, 5), "val_loss": round(best_val_loss, 5), "params": n_params}}
 
 
 def evaluate_rung(params, rung: str, root: Path = Path(".")) -> dict[str, float]:
@@ -73,20 +79,21 @@ def evaluate_rung(params, rung: str, root: Path = Path(".")) -> dict[str, float]
     model, ckpt = load_model(paths.best, dvc_fix(f"train@{rung}"))
     if ckpt.get("tokenizer_sha256") != read_header(paths.tokens)["tokenizer_sha256"]:
         raise UserError(f"{paths.best} was trained with another tokenizer; rerun `dvc repro train@{rung}`")
-    torch.set_num_threads(params.train.threads or torch.get_num_threads())
+    run = track.Run.resume(params.mlflow, track.read_run_id(model_dir), rung, {"rung": rung},
+                           system_metrics=params.mlflow.system_metrics)
     device = resolve_device(params.train.device)
-    metrics = test_metrics(model.to(device), params, root, device)
-    e = params.evaluate
-    text = samples(model, load_tokenizer(paths.tokenizer_dir), e.prompts, e.sample_tokens, e.temperature,
-                   e.top_k, params.seed)
-    write_json(paths.eval_metrics, metrics)
-    write_text(model_dir / "samples.txt", text)
-
-    run = track.Run.resume(params.mlflow, track.read_run_id(model_dir), rung, {"rung": rung})
-    with track.closed_on_failure(run):
-        step = ckpt["progress"]["step"]
-        run.log(step, **{k: v for k, v in metrics.items() if k not in CONTEXT_METRICS})
-        run.log(step, **{name: metrics[k] for k, name in CONTEXT_METRICS.items()})
+    with track.closed_on_failure(run):  # a failure ends the run FAILED, never left RUNNING
+        with CoreShare(params.train.threads):  # threads: 0 shares the cores with trainings running beside it
+            metrics = test_metrics(model.to(device), params, root, device)
+            e = params.evaluate
+            text = samples(model, load_tokenizer(paths.tokenizer_dir), e.prompts, e.sample_tokens, e.temperature,
+                           e.top_k, params.seed)
+        write_json(paths.eval_metrics, metrics)
+        # the headline is the gate's number: every test token once, with all the context the arch can use
+        write_json(paths.summary, summary(rung, metrics["test_bpb_context"], ckpt["progress"]["best_val"],
+                                          count_params(model)))
+        write_text(model_dir / "samples.txt", text)
+        run.log(ckpt["progress"]["step"], **track.test_metric_names(metrics))
         run.log_artifact(model_dir / "samples.txt", "samples")
         run.end()
     return metrics

@@ -56,8 +56,24 @@ class RungPaths:
         return self.root / METRICS / "speed" / f"{self.rung}.json"
 
     @property
-    def curve(self) -> Path:
-        return self.root / METRICS / "curves" / f"{self.rung}.csv"
+    def train_curve(self) -> Path:
+        """step, train loss and lr at every step (a DVC plot)."""
+        return self.root / METRICS / "curves" / "train" / f"{self.rung}.csv"
+
+    @property
+    def val_curve(self) -> Path:
+        """step and val loss at each evaluation (a DVC plot)."""
+        return self.root / METRICS / "curves" / "val" / f"{self.rung}.csv"
+
+    @property
+    def plot(self) -> Path:
+        """Both curves in one PNG: a DVC plot that renders offline, and the run's MLflow artifact."""
+        return self.root / METRICS / "plots" / f"{self.rung}.png"
+
+    @property
+    def summary(self) -> Path:
+        """The rung's headline, the one DVC metrics file (short keys for `dvc exp show`)."""
+        return self.root / METRICS / "summary" / f"{self.rung}.json"
 
     @property
     def tokens(self) -> Path:

@@ -9,22 +9,24 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def loss_curves(history: list[dict[str, float]], path: str | Path, title: str = "") -> None:
-    """Train and validation loss against step, with the learning rate on a second axis."""
-    steps = [r["step"] for r in history]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    ax.plot(steps, [r["train_loss"] for r in history], label="train loss", marker=".")
-    ax.plot(steps, [r["val_loss"] for r in history], label="val loss", marker=".")
+def loss_curves(train: list[tuple[int, float]], val: list[tuple[int, float]], lr: list[tuple[int, float]],
+                path: str | Path, title: str = "") -> None:
+    """Train loss at every step, val loss at each evaluation, the learning rate on a second axis."""
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    ax.plot([s for s, _ in train], [v for _, v in train], label="train loss (every step)", linewidth=0.8, alpha=0.8)
+    ax.plot([s for s, _ in val], [v for _, v in val], label="val loss (each evaluation)", marker="o", linewidth=1.8)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats / token)")
-    lr_ax = ax.twinx()
-    lr_ax.plot(steps, [r["lr"] for r in history], color="grey", linestyle=":", label="lr")
-    lr_ax.set_ylabel("learning rate")
+    if lr:
+        lr_ax = ax.twinx()
+        lr_ax.plot([s for s, _ in lr], [v for _, v in lr], color="grey", linestyle=":", label="learning rate")
+        lr_ax.set_ylabel("learning rate")
+        lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     ax.legend(loc="upper right")
-    ax.set_title(title)
+    ax.set_title(title, fontsize="medium")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, metadata={"Software": None})  # no version stamp: the same curves give the same bytes
     plt.close(fig)
 
 

@@ -11,7 +11,6 @@ from `dvc exp run` also gets `exp-<name>`, which always moves.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -186,7 +185,7 @@ def promote_rung(params: Params, rung: str, root: Path = Path(".")) -> Decision:
 
 def publish(run, d: Decision, params: Params, paths: RungPaths) -> None:
     """Register the promoted checkpoint (once) and move its aliases; fills in d's registry fields."""
-    from mmrec import registry
+    from mmrec import registry, track
 
     p, c, rung = params.promote, run.client, d.rung
     name = d.registered_model = p.registered_model
@@ -196,7 +195,7 @@ def publish(run, d: Decision, params: Params, paths: RungPaths) -> None:
             "tokenizer_sha256": run_tags.get("tokenizer_sha256", ""),
             "params_hash": run_tags.get("params_hash", params.digest()), "checkpoint_sha256": d.checkpoint_sha256,
             "arch": run_tags.get("arch", params.model.arch), "promote.reason": d.reason}
-    metrics = json.loads(paths.eval_metrics.read_text())
+    metrics = load_json(paths.eval_metrics, f"evaluate@{rung}")
     with registry.locked(c.tracking_uri):
         version = registry.with_checkpoint(c, name, d.checkpoint_sha256)
         if version is None:
@@ -204,7 +203,7 @@ def publish(run, d: Decision, params: Params, paths: RungPaths) -> None:
             description = (f"{rung} ({tags['arch']}): test {d.test_bpb:.4f} bits/byte, {d.reason}; "
                            f"{where} at {tags['git_commit'][:8]}, data {d.data_sha256[:12]}")
             version = registry.register(run, name, paths.best, paths.tokenizer, tags=tags, description=description,
-                                        metrics=model_metrics(metrics))
+                                        metrics=track.test_metric_names(metrics))
         else:
             registry.set_tags(c, name, version, tags)  # a rerun on the same weights: the latest measurement
         d.model_version = version
@@ -228,7 +227,3 @@ def publish(run, d: Decision, params: Params, paths: RungPaths) -> None:
         registry.set_tags(c, name, version, {"champion.decision": d.champion_reason})
 
 
-def model_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """evaluate's metrics under MLflow's grouped names: test_bpb -> test/bpb, unigram_bpb -> test/unigram_bpb."""
-    return {(k.replace("test_", "test/", 1) if k.startswith("test_") else f"test/{k}"): float(v)
-            for k, v in metrics.items()}

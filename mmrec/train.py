@@ -28,9 +28,10 @@ from tqdm import tqdm
 
 from mmrec import checkpoint, distributed
 from mmrec.config import Params, TrainParams
+from mmrec.cores import CoreShare
 from mmrec.data import check_fits, fixed_starts, random_batch
 from mmrec.errors import Interrupted, UserError
-from mmrec.files import copy_atomic, dvc_fix, sha256_file, sha256_text, write_json, write_text
+from mmrec.files import copy_atomic, dvc_fix, replacing, sha256_file, sha256_text, write_json, write_text
 from mmrec.device import autocast, resolve_device
 from mmrec.inference import score
 from mmrec.model import ModelConfig, ModelOutput, build_model, count_params, flops_per_token, param_groups
@@ -40,6 +41,23 @@ from mmrec.paths import RungPaths
 class MetricSink(Protocol):
     def log(self, step: int, **metrics: float) -> None: ...
     def flush(self) -> None: ...
+
+
+class SharingSink:
+    """Passes metrics on to `sink` (None on non-main ranks) and takes this process's share of the cores
+    again at every flush, so trainings that start or finish beside it move its thread count."""
+
+    def __init__(self, sink: MetricSink | None, cores: CoreShare):
+        self.sink, self.cores = sink, cores
+
+    def log(self, step: int, **metrics: float) -> None:
+        if self.sink is not None:
+            self.sink.log(step, **metrics)
+
+    def flush(self) -> None:
+        self.cores.apply()
+        if self.sink is not None:
+            self.sink.flush()
 
 
 class TrainingDiverged(UserError):
@@ -242,14 +260,15 @@ def fit(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, tp: TrainPar
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}", refresh=False)
         if sink is not None:
-            sink.log(progress.step, train_loss=loss_sum, lr=lr, grad_norm=grad_norm,
-                     **{"opt/skipped_steps": progress.skipped_steps})
+            sink.log(progress.step, **{"loss/train": loss_sum, "opt/lr": lr, "opt/grad_norm": grad_norm,
+                                       "opt/skipped_steps": progress.skipped_steps})
             if warming_up:  # compile time is reported once and kept out of the throughput figures
                 sink.log(progress.step, **{"perf/compile_s": elapsed})
             else:
-                sink.log(progress.step, tokens_per_s=tok_s, **{"perf/mfu": step_flops / elapsed / peak})
+                sink.log(progress.step, **{"perf/tokens_per_s": tok_s, "perf/mfu": step_flops / elapsed / peak})
             if aux_sum is not None:
-                sink.log(progress.step, train_uboo=aux_sum, train_ce=loss_sum - model.cfg.uboo_weight * aux_sum)
+                sink.log(progress.step, **{"loss/train_uboo": aux_sum,
+                                           "loss/train_ce": loss_sum - model.cfg.uboo_weight * aux_sum})
             if progress.step % tp.log_every == 0:
                 sink.flush()
         if progress.step % tp.eval_every == 0 or progress.step == budget.steps:
@@ -268,7 +287,7 @@ def fit(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, tp: TrainPar
             if group.main:
                 bar.write(f"step {progress.step}: val loss {vl:.4f} (best {progress.best_val:.4f} @ {progress.best_step})")
             if sink is not None:
-                sink.log(progress.step, val_loss=vl)
+                sink.log(progress.step, **{"loss/val": vl})
                 sink.flush()
             clock = time.perf_counter()  # evaluation time is not training throughput
         warming_up = False
@@ -328,7 +347,9 @@ def train_rung(params: Params, rung_name: str, root: Path = Path(".")) -> dict[s
     if device.type == "cuda":
         device = torch.device("cuda", group.local_rank)
         torch.cuda.set_device(device)
-    torch.set_num_threads(max(1, (tp.threads or torch.get_num_threads()) // group.world))
+    # threads: 0 shares the cores with every training running now (each rank counts), re-divided at each flush
+    cores = CoreShare(max(1, tp.threads // group.world) if tp.threads else 0)
+    cores.apply(force=True)
     cfg = ModelConfig.from_params(params.model, rung, header["vocab_size"])
     budget = budget_for(params, rung_name, group.world)  # after distributed.init: the budget is all ranks'
 
@@ -357,8 +378,9 @@ def train_rung(params: Params, rung_name: str, root: Path = Path(".")) -> dict[s
     with closed_on_failure(run):  # a fault or Ctrl-C ends the run FAILED / KILLED, never left RUNNING
         try:
             progress = fit(model, train_tokens, val_tokens, tp, budget, generator=generator, ckpt_dir=paths.ckpt,
-                           extra=extra, sink=run, resume=resume, device=device, group=group)
+                           extra=extra, sink=SharingSink(run, cores), resume=resume, device=device, group=group)
         finally:
+            cores.close()
             distributed.shutdown(group)
         if run is None:
             return None
@@ -415,22 +437,24 @@ def open_run(params: Params, paths: RungPaths, cfg: ModelConfig, header: dict[st
     if rung.parent:
         tags |= parent_tags(paths, rung.parent)
     if resume is not None:  # the same run, logging nothing twice (or a new one if the store lost it)
-        run = track.Run.resume(params.mlflow, resume["run_id"], rung_name, tags, skip_logged=True)
+        run = track.Run.resume(params.mlflow, resume["run_id"], rung_name, tags, skip_logged=True,
+                               system_metrics=params.mlflow.system_metrics)
         if not run.fresh:
             return run
     else:
         track.close_abandoned(params.mlflow, rung_name)  # runs of killed attempts that never checkpointed
-        run = track.Run.start(params.mlflow, rung_name, tags)
+        run = track.start_rung_run(params, rung_name, tags, paths.root)
     run.log_params(params.flat() | {"n_params": n_params, "budget.steps": budget.steps, "budget.lr": budget.lr})
     if parent_losses:
-        run.log(0, **parent_losses)
+        run.log(0, **{f"growth/{k}": v for k, v in parent_losses.items()})
         run.flush()
     return run
 
 
 def write_outputs(paths: RungPaths, run: Any, progress: Progress, cfg: ModelConfig, n_params: int,
                   params: Params) -> dict[str, Any]:
-    """The rung's DVC outputs (best.pt, run.json, metrics, curve) and its MLflow artifacts; ends the run."""
+    """The rung's DVC outputs (best.pt, run.json, metrics, curves, the loss plot) and its MLflow artifacts;
+    ends the run."""
     from mmrec import track
     from mmrec.plots import loss_curves
 
@@ -446,12 +470,19 @@ def write_outputs(paths: RungPaths, run: Any, progress: Progress, cfg: ModelConf
     write_json(paths.metrics, metrics)
     speed = run_speed(run)
     write_json(paths.speed, speed)
-    write_curve(paths.curve, progress.history)
-    png = paths.ckpt / f"{paths.rung}_curves.png"
-    loss_curves(progress.history, png, title=f"{paths.rung} ({cfg.arch}, {n_params / 1e6:.2f}M params)")
-    run.log(progress.step, best_val_loss=progress.best_val, best_step=progress.best_step,
-            median_tokens_per_s=speed["tokens_per_s"])
-    run.log_artifact(png, "plots")
+    # every step's train loss comes back from the run (a resumed run logged its first steps before the kill)
+    train = per_step(run, "loss/train")
+    lr = dict(per_step(run, "opt/lr"))
+    val = [(int(r["step"]), r["val_loss"]) for r in progress.history]
+    write_text(paths.train_curve, "step,train_loss,lr\n" + "".join(f"{s},{v!r},{lr.get(s, 0.0)!r}\n" for s, v in train))
+    write_text(paths.val_curve, "step,val_loss\n" + "".join(f"{s},{v!r}\n" for s, v in val))
+    with replacing(paths.plot) as png:
+        loss_curves(train, val, list(lr.items()), png,
+                    title=f"{paths.rung}: {cfg.arch}, {n_params / 1e6:.2f}M params, best val loss "
+                          f"{progress.best_val:.4f} at step {progress.best_step}")
+    run.log(progress.step, **{"summary/best_val_loss": progress.best_val, "summary/best_step": progress.best_step,
+                              "perf/median_tokens_per_s": speed["tokens_per_s"]})
+    run.log_artifact(paths.plot, "plots")
     run.log_artifact(paths.tokenizer, "tokenizer")
     run.log_artifact(out / "best.pt", "checkpoint")
     run.end()
@@ -469,17 +500,16 @@ def parent_tags(paths: RungPaths, parent: str) -> dict[str, str]:
     return tags
 
 
+def per_step(run: Any, key: str) -> list[tuple[int, float]]:
+    """(step, value) of a run's metric in step order, one value a step (the last logged)."""
+    return sorted(dict(run.metric_history(key)).items())
+
+
 def run_speed(run: Any) -> dict[str, float]:
     """Median training throughput and MFU, from the run's own history (kept out of the bit-reproducible metrics)."""
     run.flush()
     medians = {}
-    for name, key in [("tokens_per_s", "tokens_per_s"), ("mfu", "perf/mfu")]:
+    for name, key in [("tokens_per_s", "perf/tokens_per_s"), ("mfu", "perf/mfu")]:
         values = [v for _, v in run.metric_history(key)]
         medians[name] = float(np.median(values)) if values else 0.0
     return medians
-
-
-def write_curve(path: Path, history: list[dict[str, float]]) -> None:
-    """The plot data for `dvc plots`: step, train_loss, val_loss, lr per evaluation."""
-    rows = [f"{r['step']},{r['train_loss']!r},{r['val_loss']!r},{r['lr']!r}" for r in history]
-    write_text(path, "\n".join(["step,train_loss,val_loss,lr", *rows]) + "\n")

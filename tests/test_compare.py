@@ -22,9 +22,9 @@ def make_run(c: MlflowClient, exp_id: str, name: str, minute: int, *, params: di
     run_id = c.create_run(exp_id, start_time=T0 + minute * 60_000, run_name=name, tags=tags).info.run_id
     ts = T0 + minute * 60_000
     c.log_batch(run_id, params=[Param(k, v) for k, v in (COMMON | params).items()],
-                metrics=[Metric("val_loss", v, ts, 10 * (i + 1)) for i, v in enumerate(val_curve)]
+                metrics=[Metric("loss/val", v, ts, 10 * (i + 1)) for i, v in enumerate(val_curve)]
                 + [Metric(k, v, ts, 30) for k, v in metrics.items()]
-                + [Metric("tokens_per_s", 1.0, ts, 30)])  # the last per-step value: must not be the headline one
+                + [Metric("perf/tokens_per_s", 1.0, ts, 30)])  # the last per-step value: must not be the headline one
     c.set_terminated(run_id, status)
     return run_id
 
@@ -39,7 +39,8 @@ def store(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     other = c.create_experiment("other", artifact_location=(root / "mlruns").as_uri())
 
     def finished(bpb: float, best: float) -> dict[str, float]:
-        return {"test_bpb": bpb, "best_val_loss": best, "test_loss": bpb * 0.9, "median_tokens_per_s": 5000 + bpb}
+        return {"test/bpb": bpb, "summary/best_val_loss": best, "test/loss": bpb * 0.9,
+                "perf/median_tokens_per_s": 5000 + bpb}
 
     ids = {
         "a": make_run(c, mm, "tiny", 1, params={"train.lr": "0.003", "model.arch": "mmrec", "n_params": "1000"},
@@ -56,6 +57,9 @@ def store(tmp_path_factory) -> tuple[Path, dict[str, str]]:
         "mini": make_run(c, mm, "mini", 5, params={"train.lr": "0.003", "model.arch": "mmrec", "n_params": "9000",
                                                    "ladder.mini.width": "64"},  # only this run has it
                          tags={"rung": "mini"}, metrics=finished(1.5, 1.1), val_curve=[1.6, 1.1]),
+        # the parent run of a pipeline execution: never a row, though it carries a (headline) metric
+        "pipeline": make_run(c, mm, "pipeline · main", 7, params={"train.lr": "0.003"}, tags={"kind": "pipeline"},
+                             metrics={"test/bpb": 0.5}, val_curve=[]),
         "other": make_run(c, other, "tiny", 6, params={"train.lr": "0.003", "model.arch": "mmrec", "n_params": "1000"},
                           tags={"rung": "tiny"}, metrics=finished(1.9, 1.4), val_curve=[2.0]),
     }

@@ -31,6 +31,7 @@ def test_forced_reruns_give_bit_identical_metrics(project):
     assert reproducible_metrics(root) == first
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("mmrec").experiment_id])
+    runs = [r for r in runs if r.data.tags.get("kind") == "rung"]  # each execution also has its pipeline run
     assert len(runs) == 2 and len({r.data.tags["params_hash"] for r in runs}) == 1
 
 
@@ -52,13 +53,19 @@ def test_queued_experiments_run_two_at_a_time_into_the_main_store(project, capsy
 
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("mmrec").experiment_id])
-    by_exp = {r.data.tags.get("dvc_exp_name"): r for r in runs}
+    by_exp = {r.data.tags.get("dvc_exp_name"): r for r in runs if r.data.tags.get("kind") == "rung"}
     assert set(by_exp) == {"lr-low", "gpt"}
     for name, lr, arch in [("lr-low", "0.005", "mmrec"), ("gpt", "0.01", "gpt")]:
         r = by_exp[name]
         assert r.info.status == "FINISHED" and r.data.params["train.lr"] == lr and r.data.params["model.arch"] == arch
-        assert len(client.get_metric_history(r.info.run_id, "train_loss")) == 40
-        assert "test_bpb" in r.data.metrics and r.data.tags["promote.decision"] == "promoted"
+        assert len(client.get_metric_history(r.info.run_id, "loss/train")) == 40
+        assert "test/bpb" in r.data.metrics and r.data.tags["promote.decision"] == "promoted"
+        # nested under its own execution's pipeline run, which carries the headline
+        parent = client.get_run(r.data.tags["mlflow.parentRunId"])
+        assert parent.data.tags["kind"] == "pipeline" and parent.data.tags["dvc_exp_name"] == name
+        moved = r.data.tags["promote.champion"] == "True"  # only a version better than the champion takes it
+        assert parent.data.tags.get("champion_rung") == ("tiny" if moved else None) and parent.info.status == "FINISHED"
+        assert parent.data.metrics["summary/best_test_bpb"] == r.data.metrics["test/bpb_context"]  # the gate's number
         assert r.data.tags["dvc_exp_baseline_rev"]
 
     shown = json.loads(dvc(root, "exp", "show", "--json").stdout)

@@ -40,16 +40,17 @@ def test_whole_ladder_trains_grows_promotes_and_a_rerun_does_nothing(project):
 
     shown = json.loads(dvc(root, "metrics", "show", "--json").stdout)
     files = next(iter(shown.values()))["data"]
-    assert {"metrics/eval/tiny.json", "metrics/eval/mini.json"} <= set(files)
-    tiny_bpb = files["metrics/eval/tiny.json"]["data"]["test_bpb"]
-    assert 0 < tiny_bpb < files["metrics/eval/tiny.json"]["data"]["unigram_bpb"]
+    assert set(files) == {"metrics/summary/tiny.json", "metrics/summary/mini.json"}  # the headline, nothing else
+    tiny_bpb = files["metrics/summary/tiny.json"]["data"]["tiny"]["bpb"]
+    assert 0 < tiny_bpb < json.loads((root / "metrics/eval/tiny.json").read_text())["unigram_bpb"]
 
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     tiny_run = json.loads((root / "models/tiny/run.json").read_text())["run_id"]
     mini_run = client.get_run(json.loads((root / "models/mini/run.json").read_text())["run_id"])
     assert mini_run.data.tags["parent_run_id"] == tiny_run
-    assert mini_run.data.metrics["grown_val_loss"] == pytest.approx(mini_run.data.metrics["parent_val_loss"], abs=1e-4)
-    assert "test_bpb" in mini_run.data.metrics
+    assert mini_run.data.metrics["growth/grown_val_loss"] == pytest.approx(
+        mini_run.data.metrics["growth/parent_val_loss"], abs=1e-4)
+    assert "test/bpb" in mini_run.data.metrics
 
     promo = json.loads((root / "models/mini/promotion.json").read_text())
     assert promo["promoted"] and promo["model_version"] == "2"

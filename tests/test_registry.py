@@ -61,8 +61,8 @@ def test_a_version_holds_the_weights_once_its_tags_and_a_link_to_its_logged_mode
     logged = c.get_logged_model(v.tags["model_id"])  # the logged model's page lists its version
     assert v.source == f"models:/{logged.model_id}"
     assert json.loads(logged.tags["mlflow.modelVersions"]) == [{"name": "mmrec", "version": 1}]
-    assert {m.key: m.value for m in logged.metrics} == {"test/bpb": 1.51, "test/bpb_context": 1.5,
-                                                        "test/unigram_bpb": 2.2, "test/loss": 3.0}
+    test_metrics = {m.key: m.value for m in logged.metrics if m.key.startswith("test/")}  # system/* aside
+    assert test_metrics == {"test/bpb": 1.51, "test/bpb_context": 1.5, "test/unigram_bpb": 2.2, "test/loss": 3.0}
 
     files = {p.relative_to(logged.artifact_location.removeprefix("file://")).as_posix(): p.stat().st_size
              for p in Path(logged.artifact_location.removeprefix("file://")).rglob("*") if p.is_file()}

@@ -61,14 +61,16 @@ def stage(root: Path, name: str, *args: str, env: dict | None = None, timeout: f
 def runs(root: Path):
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     exp = client.get_experiment_by_name("mmrec")
-    return [] if exp is None else client.search_runs([exp.experiment_id])
+    found = [] if exp is None else client.search_runs([exp.experiment_id])
+    return [r for r in found if r.data.tags.get("kind") == "rung"]  # the pipeline's parent run aside
 
 
 def statuses(root: Path) -> list[str]:
-    """The status of every run, read with plain sqlite: MLflow's client caches a connection per store,
+    """The status of every rung run, read with plain sqlite: MLflow's client caches a connection per store,
     which a test that replaces the database file would leave pointing at the old one."""
-    with sqlite3.connect(root / "mlflow.db") as db:
-        return sorted(status for (status,) in db.execute("select status from runs"))
+    with sqlite3.connect(root / "mlflow.db") as db:  # the rung runs (their pipeline's parent run aside)
+        return sorted(status for (status,) in db.execute(
+            "select status from runs join tags using (run_uuid) where key = 'kind' and value = 'rung'"))
 
 
 BAD_EDITS = [

@@ -1,3 +1,4 @@
+import json
 import os
 
 from mlflow import MlflowClient
@@ -33,3 +34,93 @@ def test_metrics_are_batched_until_flush(tmp_path):
     run.end()
     assert client.get_run(run.id).info.status == "FINISHED"
     assert client.get_run(run.id).data.tags["rung"] == "tiny"
+
+
+def git_repo_with_params(root, monkeypatch, params: dict) -> None:
+    """`root` as a repository whose committed params.yaml is `params`; the process works in it."""
+    import subprocess
+
+    import yaml
+
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    for cmd in (["init", "-q", "-b", "main"], ["add", "params.yaml"],
+                ["-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "params"]):
+        subprocess.run(["git", *cmd], cwd=root, check=True, capture_output=True)
+    monkeypatch.chdir(root)
+    for var in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_run_names_say_what_changed_and_reruns_get_a_number(workdir, monkeypatch):
+    import yaml
+
+    from tests.conftest import tiny_params
+
+    params = tiny_params(workdir, mlflow={"system_metrics": False})
+    git_repo_with_params(workdir, monkeypatch, {"train": {"lr": 0.003, "seq_len": 32}, "model": {"arch": "mmrec"}})
+    first = track.start_rung_run(params, "tiny", {"rung": "tiny"}, workdir)
+    first.end()
+    again = track.start_rung_run(params, "tiny", {"rung": "tiny"}, workdir)  # same execution: same parent
+    again.end()
+    (workdir / "params.yaml").write_text(yaml.safe_dump({"train": {"lr": 0.001, "seq_len": 32},
+                                                        "model": {"arch": "gpt"}}))
+    monkeypatch.setenv("DVC_EXP_NAME", "lr-1e-3")  # another experiment: another parent
+    exp = track.start_rung_run(params, "tiny", {"rung": "tiny"}, workdir)
+    exp.end()
+
+    c = MlflowClient(track.tracking_uri(params.mlflow))
+    runs = {r: c.get_run(r) for r in (first.id, again.id, exp.id)}
+    assert [runs[r].info.run_name for r in (first.id, again.id, exp.id)] == [
+        "tiny · main", "tiny · main #2", "tiny · arch=gpt, lr=0.001 · lr-1e-3"]  # params.yaml order
+    assert first.parent_id == again.parent_id != exp.parent_id
+    parent = c.get_run(first.parent_id)
+    assert parent.info.run_name == "pipeline · main" and parent.info.status == "FINISHED"
+    assert c.get_run(exp.parent_id).info.run_name == "pipeline · arch=gpt, lr=0.001 · lr-1e-3"
+    for r in runs.values():
+        assert r.data.tags["mlflow.parentRunId"] in (first.parent_id, exp.parent_id)
+        assert r.data.tags["mlflow.user"] and r.data.tags["mlflow.source.git.commit"] != "unknown"
+        assert not any(k.startswith("system/") for k in r.data.metrics)  # mlflow.system_metrics: false
+
+
+def test_splits_are_dataset_inputs_with_their_content_digest(workdir, monkeypatch):
+    import hashlib
+
+    from tests.conftest import tiny_params
+
+    params = tiny_params(workdir)
+    git_repo_with_params(workdir, monkeypatch, {})
+    run = track.start_rung_run(params, "tiny", {"rung": "tiny"}, workdir)
+    run.end()
+    c = MlflowClient(track.tracking_uri(params.mlflow))
+    got = c.get_run(run.id)
+    inputs = {d.dataset.name: d for d in got.inputs.dataset_inputs}
+    assert set(inputs) == {"kjv-train", "kjv-val", "kjv-test"}  # named after data.source
+    for split in ["train", "val", "test"]:
+        d = inputs[f"kjv-{split}"]
+        sha = hashlib.sha256((workdir / f"data/tokens/{split}.bin").read_bytes()).hexdigest()
+        assert d.dataset.digest == sha[:32] and json.loads(d.dataset.profile)["sha256"] == sha
+        assert json.loads(d.dataset.profile)["tokens"] > 0
+        assert json.loads(d.dataset.source) == {"uri": params.data.source}
+    assert {t.value for d in inputs.values() for t in d.tags} == {"training", "validation", "testing"}
+    # system metrics are on by default; a run shorter than one sampling interval still gets a sample
+    assert "system/cpu_utilization_percentage" in got.data.metrics
+
+
+def test_the_pipeline_run_names_the_champion_from_its_rungs(tmp_path):
+    params = MlflowParams(tracking_uri=f"sqlite:///{tmp_path}/m.db", artifact_root=str(tmp_path / "mlruns"),
+                          system_metrics=False)
+    c = track.client(params)
+    parent = c.create_run(track.experiment_id(c, params), run_name="pipeline").info.run_id
+    for rung, bpb, version in [("tiny", 1.5, "1"), ("mini", 1.2, "2")]:
+        run = track.Run.start(params, rung, {"rung": rung}, parent_id=parent)
+        run.log(10, **{"test/bpb_context": bpb})
+        run.set_tags({"promote.decision": "promoted", "promote.model_version": version, "promote.champion": True})
+        if rung == "tiny":
+            run.end()
+            assert c.get_run(parent).info.status == "FINISHED"
+            assert c.get_run(parent).data.tags["champion_rung"] == "tiny"
+    assert c.get_run(parent).info.status == "RUNNING"  # mini is still running
+    run.end()
+    got = c.get_run(parent)
+    assert got.data.tags["champion_rung"] == "mini" and got.data.tags["champion_version"] == "2"
+    assert got.data.metrics["summary/best_test_bpb"] == 1.2 and got.info.status == "FINISHED"

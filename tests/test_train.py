@@ -104,18 +104,22 @@ def test_train_rung_logs_params_metrics_and_artifacts_to_mlflow(workdir):
     assert run.data.params["ladder.tiny.width"] == "32"
     assert run.data.tags["rung"] == "tiny" and run.data.tags["params_hash"] == params.digest()
     assert run.data.tags["tokenizer_sha256"]
-    for key in ["train_loss", "lr", "grad_norm", "tokens_per_s", "perf/mfu", "opt/skipped_steps"]:
+    for key in ["loss/train", "opt/lr", "opt/grad_norm", "perf/tokens_per_s", "perf/mfu", "opt/skipped_steps"]:
         assert len(client.get_metric_history(run_id, key)) == params.train.max_steps, key
-    assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [20, 40]
-    assert run.data.metrics["best_val_loss"] == pytest.approx(metrics["best_val_loss"])
+    assert [m.step for m in client.get_metric_history(run_id, "loss/val")] == [20, 40]
+    assert run.data.metrics["summary/best_val_loss"] == pytest.approx(metrics["best_val_loss"])
     artifacts = {a.path for folder in ["plots", "tokenizer", "checkpoint"] for a in client.list_artifacts(run_id, folder)}
-    assert artifacts == {"plots/tiny_curves.png", "tokenizer/spm.model", "checkpoint/best.pt"}
+    assert artifacts == {"plots/tiny.png", "tokenizer/spm.model", "checkpoint/best.pt"}
 
     speed = json.loads((workdir / "metrics/speed/tiny.json").read_text())
     assert speed["tokens_per_s"] > 0 and 0 < speed["mfu"] < 1
     saved = json.loads((workdir / "metrics/train/tiny.json").read_text())
     assert saved["best_val_loss"] == metrics["best_val_loss"] and saved["n_params"] > 0
-    assert (workdir / "metrics/curves/tiny.csv").read_text().splitlines()[0] == "step,train_loss,val_loss,lr"
+    train_rows = (workdir / "metrics/curves/train/tiny.csv").read_text().splitlines()
+    assert train_rows[0] == "step,train_loss,lr" and len(train_rows) == 1 + params.train.max_steps  # every step
+    assert [r.split(",")[0] for r in (workdir / "metrics/curves/val/tiny.csv").read_text().splitlines()] == [
+        "step", "20", "40"]
+    assert (workdir / "metrics/plots/tiny.png").read_bytes()[:4] == b"\x89PNG"
     best = checkpoint.load(workdir / "models/tiny/best.pt")
     assert best["progress"]["best_step"] == saved["best_step"]
     assert not (workdir / "checkpoints" / "tiny").exists()  # finished runs leave nothing to resume
@@ -126,11 +130,11 @@ def test_uboo_loss_is_logged_apart_from_the_cross_entropy(workdir):
     train_rung(params, "tiny", workdir)
     run_id = json.loads((workdir / "models/tiny/run.json").read_text())["run_id"]
     client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
-    loss, ce, aux = (client.get_metric_history(run_id, k) for k in ["train_loss", "train_ce", "train_uboo"])
+    loss, ce, aux = (client.get_metric_history(run_id, k) for k in ["loss/train", "loss/train_ce", "loss/train_uboo"])
     assert len(aux) == len(ce) == params.train.max_steps
     last = {m.key: m.value for m in (loss[-1], ce[-1], aux[-1])}
-    assert last["train_loss"] == pytest.approx(last["train_ce"] + 0.1 * last["train_uboo"])
-    assert last["train_uboo"] > 0
+    assert last["loss/train"] == pytest.approx(last["loss/train_ce"] + 0.1 * last["loss/train_uboo"])
+    assert last["loss/train_uboo"] > 0
 
 
 class Recorder:
@@ -170,7 +174,7 @@ def test_a_non_finite_gradient_norm_skips_the_update_and_is_counted(workdir):
                    extra={}, sink=sink)
     assert progress.skipped_steps == 1 and progress.step == budget.steps
     assert dict(sink.metrics["opt/skipped_steps"])[6] == 0 and dict(sink.metrics["opt/skipped_steps"])[7] == 1
-    assert not math.isfinite(dict(sink.metrics["grad_norm"])[7])
+    assert not math.isfinite(dict(sink.metrics["opt/grad_norm"])[7])
     for name, before in sink.weights[6].items():  # step 7 changed nothing, not even by weight decay
         assert torch.equal(sink.weights[7][name], before), name
     assert any(not torch.equal(sink.weights[8][n], w) for n, w in sink.weights[7].items())  # training went on
@@ -235,6 +239,6 @@ def test_mfu_is_logged_and_compile_time_is_kept_out_of_tokens_per_s(workdir, mon
     sink = Recorder()
     fit(model, train, val, params.train, budget, generator=gen, ckpt_dir=workdir / "c", extra={}, sink=sink)
     assert [s for s, _ in sink.metrics["perf/compile_s"]] == [1]  # once, for the first step
-    assert [s for s, _ in sink.metrics["tokens_per_s"]] == [2, 3, 4, 5, 6]
+    assert [s for s, _ in sink.metrics["perf/tokens_per_s"]] == [2, 3, 4, 5, 6]
     assert [s for s, _ in sink.metrics["perf/mfu"]] == [2, 3, 4, 5, 6]
     assert all(0 < v < 1 for _, v in sink.metrics["perf/mfu"])

@@ -1,0 +1,85 @@
+"""Sharing the CPU among trainings that run at the same time (`dvc queue start -j 2`, or two shells).
+
+torch takes every core by default, so two trainings at once each run as many threads as there are cores
+and both crawl (11x slower per step on 2 cores, rather than 2x). Every training or evaluation registers
+its pid in a small directory under the system temp dir; a process asked for `threads: 0` takes its share,
+cores // live registered processes, and takes it again now and then, so a run that starts or ends
+moves everybody's share. Dead entries (a killed run) are ignored and swept.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+REGISTRY = Path(tempfile.gettempdir()) / "mmrec-cores"
+RECHECK_S = 2.0  # how often a running process looks at the registry again
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _alive(entry: Path) -> bool:
+    try:
+        pid, started = int(entry.name), float(entry.read_text())
+        return abs(psutil.Process(pid).create_time() - started) < 1.0  # not a recycled pid
+    except (ValueError, OSError, psutil.Error):
+        return False
+
+
+class CoreShare:
+    """This process's share of the cores: `requested` threads when > 0, else cores / live registered processes."""
+
+    def __init__(self, requested: int = 0, registry: Path = REGISTRY):
+        self.requested, self.registry = requested, registry
+        self.entry = registry / str(os.getpid())
+        self.current = 0
+        self._checked = 0.0
+        registry.mkdir(parents=True, exist_ok=True)
+        tmp = registry / f".{os.getpid()}.tmp"  # renamed in whole: a reader never sees it half-written
+        tmp.write_text(str(psutil.Process().create_time()))
+        os.replace(tmp, self.entry)
+
+    def live(self) -> int:
+        n = 0
+        for entry in self.registry.iterdir():
+            if entry.name.startswith("."):
+                continue
+            if _alive(entry):
+                n += 1
+            else:
+                entry.unlink(missing_ok=True)  # a killed run left it behind
+        return max(n, 1)
+
+    def threads(self) -> int:
+        return self.requested or max(1, cpu_count() // self.live())
+
+    def apply(self, force: bool = False) -> int:
+        """Set torch's thread count to the current share (at most every RECHECK_S seconds unless forced)."""
+        now = time.monotonic()
+        if force or now - self._checked >= RECHECK_S:
+            self._checked = now
+            n = self.threads()
+            if n != self.current:
+                import torch
+
+                torch.set_num_threads(n)
+                self.current = n
+        return self.current
+
+    def close(self) -> None:
+        self.entry.unlink(missing_ok=True)
+
+    def __enter__(self) -> "CoreShare":
+        self.apply(force=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
