@@ -219,11 +219,15 @@ def fit(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, tp: TrainPar
 
     bar = tqdm(total=budget.steps, initial=progress.step, desc="train", unit="step", dynamic_ncols=True,
                disable=not group.main)
-    previous_handler = report_interrupts(progress, ckpt_dir)
+    stop = StopRequest.install()
     train_losses: list[float] = []
     warming_up = compiled  # the first compiled step includes the compilation: timed apart, once
     clock = time.perf_counter()
     while progress.step < budget.steps and not progress.stopped_early:
+        if stop.requested:  # Ctrl-C, honoured between steps: no store call or file write is cut in half
+            saved = progress.history[-1]["step"] if progress.history else 0
+            raise Interrupted(f"interrupted at step {progress.step}; `dvc repro` resumes from step {saved} "
+                              f"({ckpt_dir / 'last.pt'})")
         lr = lr_at(progress.step, budget, min(tp.min_lr, budget.lr))
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr
@@ -292,22 +296,31 @@ def fit(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, tp: TrainPar
             clock = time.perf_counter()  # evaluation time is not training throughput
         warming_up = False
     bar.close()
-    if previous_handler is not None:
-        signal.signal(signal.SIGINT, previous_handler)
+    stop.uninstall()
     return progress
 
 
-def report_interrupts(progress: Progress, ckpt_dir: Path) -> Any:
-    """Make Ctrl-C say the step reached and where a rerun resumes; returns the handler it replaced."""
-    if threading.current_thread() is not threading.main_thread():
-        return None  # signal handlers belong to the main thread
+class StopRequest:
+    """The first Ctrl-C asks the loop to stop at the next step boundary (it then says where it stopped and
+    where a rerun resumes); a second one interrupts at once, as Python would."""
 
-    def handler(signum: int, frame: Any) -> None:
-        saved = progress.history[-1]["step"] if progress.history else 0
-        raise Interrupted(f"interrupted at step {progress.step}; `dvc repro` resumes from step {saved} "
-                          f"({ckpt_dir / 'last.pt'})")
+    def __init__(self) -> None:
+        self.requested, self.previous = False, None
 
-    return signal.signal(signal.SIGINT, handler)
+    @classmethod
+    def install(cls) -> "StopRequest":
+        stop = cls()
+        if threading.current_thread() is threading.main_thread():  # signal handlers belong to the main thread
+            stop.previous = signal.signal(signal.SIGINT, stop._handle)
+        return stop
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def uninstall(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 def budget_for(params: Params, rung_name: str, world: int = 1) -> Budget:
