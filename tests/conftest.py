@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -77,6 +78,13 @@ def run(cmd: list[str], cwd: Path, check: bool = True, **kw) -> subprocess.Compl
 
 def dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     return run(["dvc", *args], root, check=check)
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now (for the `mlflow server` the tests start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def kill_tree(pid: int) -> None:

@@ -1,7 +1,6 @@
 """The pipeline against a shared tracking server: a real `mlflow server` on 127.0.0.1 (sqlite backend,
 served artifacts), as several machines or many queued runs would use it; one that goes away mid-run."""
 import os
-import socket
 import subprocess
 import time
 import urllib.request
@@ -10,14 +9,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import kill_tree, run
+from tests.conftest import free_port, kill_tree, run
 from tests.test_reliability import ONE_RUNG, wait_for
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

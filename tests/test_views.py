@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, dvc, run
+from tests.conftest import REPO, dvc, free_port, run
 
 SHOW_WIDTH = 160  # the terminal `dvc exp show` must fit its headline into
 
@@ -23,12 +22,6 @@ SHOW_WIDTH = 160  # the terminal `dvc exp show` must fit its headline into
 def commit(root: Path, message: str) -> None:
     run(["git", "add", "-A"], root)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", message], root)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
