@@ -2,7 +2,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from mlflow.exceptions import MlflowException
 from mmrec import track
 from mmrec.promote import promote_rung
 from mmrec.registry import main as registry_cli
-from tests.conftest import dvc, kill_tree, run, tiny_params
+from tests.conftest import dvc, free_port, kill_tree, run, tiny_params
 from tests.test_promote import plant_pickle, rung_with_checkpoint
 
 ONE_RUNG = {"ladder": {"tiny": {"width": 32, "layers": 1, "memories": 2, "after": "data/tokens"}}}
@@ -145,12 +144,6 @@ def test_list_set_champion_and_rollback_by_hand(workdir, capsys):
         assert message in err
     code, _, err = cli(capsys, "--tracking-uri", f"sqlite:///{workdir}/none.db", "list")
     assert code == 2 and err.startswith("error: no MLflow store at") and not (workdir / "none.db").exists()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_mlflow_models_serve_answers_with_40_tokens_by_default_and_400_for_a_bad_param(workdir, tmp_path):
