@@ -99,6 +99,7 @@ class RungParams(Section):
     after: str = "data/tokens"
     max_steps: Annotated[int, Field(ge=0)] = 0  # 0: use train.max_steps
     lr: Annotated[float, Field(ge=0)] = 0.0  # 0: use train.lr
+    dropout: Annotated[float | None, Field(ge=0, lt=1)] = None  # None: use model.dropout (a larger rung overfits sooner)
 
     @property
     def parent(self) -> str | None:
@@ -121,9 +122,9 @@ class RungParams(Section):
 
 class TrainParams(Section):
     seq_len: Annotated[int, Field(ge=2, le=65536)] = 256
-    batch_size: PositiveInt = 16
+    batch_size: PositiveInt = 8
     grad_accum: PositiveInt = 1
-    lr: Annotated[float, Field(gt=0, le=1)] = 3e-3
+    lr: Annotated[float, Field(gt=0, le=1)] = 5e-3
     min_lr: Annotated[float, Field(ge=0, le=1)] = 3e-4
     warmup_steps: Annotated[int, Field(ge=0)] = 50
     rewarmup_steps: Annotated[int, Field(ge=0)] = 20  # warmup of a rung grown from its parent
@@ -133,9 +134,9 @@ class TrainParams(Section):
     beta1: Annotated[float, Field(ge=0, lt=1)] = 0.9
     beta2: Annotated[float, Field(ge=0, lt=1)] = 0.99
     grad_clip: Annotated[float, Field(ge=0)] = 1.0  # 0 turns clipping off
-    max_steps: Annotated[int, Field(ge=1)] = 600
+    max_steps: Annotated[int, Field(ge=1)] = 1500
     max_tokens: Annotated[int, Field(ge=0)] = 0  # 0: budget is max_steps only
-    eval_every: PositiveInt = 50
+    eval_every: PositiveInt = 100
     eval_windows: PositiveInt = 32  # fixed validation windows of seq_len tokens
     patience: Annotated[int, Field(ge=0)] = 0  # evaluations without improvement; 0 never stops early
     log_every: PositiveInt = 10
@@ -187,7 +188,7 @@ class Params(Section):
     train: TrainParams = TrainParams()
     ladder: dict[str, RungParams] = {
         "tiny": RungParams(width=128, layers=4),
-        "mini": RungParams(width=256, layers=6, after="models/tiny/handoff.json", max_steps=300),
+        "mini": RungParams(width=256, layers=6, after="models/tiny/handoff.json", max_steps=1000, dropout=0.1),
     }
     evaluate: EvaluateParams = EvaluateParams()
     promote: PromoteParams = PromoteParams()

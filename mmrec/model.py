@@ -65,6 +65,8 @@ class ModelConfig:
     def from_params(cls, model: ModelParams, rung: RungParams, vocab_size: int) -> "ModelConfig":
         fields = {f.name for f in dataclasses.fields(cls)}
         picked = {k: v for k, v in model.model_dump().items() if k in fields}
+        if rung.dropout is not None:
+            picked["dropout"] = rung.dropout
         return cls(**picked, vocab_size=vocab_size, width=rung.width, layers=rung.layers, memories=rung.memories)
 
     def to_dict(self) -> dict[str, Any]:

@@ -64,7 +64,7 @@ def test_digest_tracks_content():
 
 def test_flat_has_dotted_keys():
     flat = Params().flat()
-    assert flat["train.lr"] == 3e-3
+    assert flat["train.lr"] == 5e-3
     assert flat["ladder.tiny.width"] == 128
 
 
@@ -81,3 +81,15 @@ def test_invalid_yaml_is_one_line(tmp_path):
     path.write_text("train: [unclosed\n")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(path)
+
+
+def test_a_rung_may_override_dropout_and_defaults_to_the_models():
+    from mmrec.model import ModelConfig
+
+    p = parse_params({"model": {"dropout": 0.05}, "ladder": {
+        "tiny": {"width": 128, "layers": 4},
+        "mini": {"width": 256, "layers": 6, "after": "models/tiny/handoff.json", "dropout": 0.2}}})
+    assert ModelConfig.from_params(p.model, p.rung("tiny"), 100).dropout == 0.05
+    assert ModelConfig.from_params(p.model, p.rung("mini"), 100).dropout == 0.2
+    with pytest.raises(ParamsError, match="ladder.mini.dropout"):
+        parse_params({"ladder": {"mini": {"width": 256, "layers": 6, "dropout": 1.5}}})
