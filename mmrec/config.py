@@ -128,7 +128,7 @@ class TrainParams(Section):
     min_lr: Annotated[float, Field(ge=0, le=1)] = 3e-4
     warmup_steps: Annotated[int, Field(ge=0)] = 50
     rewarmup_steps: Annotated[int, Field(ge=0)] = 20  # warmup of a rung grown from its parent
-    growth_lr_scale: Annotated[float, Field(gt=0, le=1)] = 0.2  # a grown rung's peak lr: lr x this (unless ladder.<rung>.lr)
+    growth_lr_scale: Annotated[float, Field(gt=0, le=1)] = 0.1  # a grown rung's peak lr: lr x this (unless ladder.<rung>.lr)
     growth_split: Annotated[float, Field(ge=0, le=2)] = GROWTH_SPLIT  # uneven shares of width copies; 0: even (symmetric)
     weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.1
     beta1: Annotated[float, Field(ge=0, lt=1)] = 0.9
