@@ -43,37 +43,41 @@ class RungPaths:
         """What a child rung depends on: the rung's checkpoint digest and verdict, nothing that a threshold changes."""
         return self.model(rung) / "handoff.json"
 
+    def _metrics_file(self, kind: str, suffix: str = ".json") -> Path:
+        """metrics/<kind>/<rung><suffix>: each kind of figure in its own folder, one file per rung."""
+        return self.root / METRICS / kind / f"{self.rung}{suffix}"
+
     @property
     def metrics(self) -> Path:
-        return self.root / METRICS / "train" / f"{self.rung}.json"
+        return self._metrics_file("train")
 
     @property
     def eval_metrics(self) -> Path:
-        return self.root / METRICS / "eval" / f"{self.rung}.json"
+        return self._metrics_file("eval")
 
     @property
     def speed(self) -> Path:
-        return self.root / METRICS / "speed" / f"{self.rung}.json"
+        return self._metrics_file("speed")
 
     @property
     def train_curve(self) -> Path:
         """step, train loss and lr at every step (a DVC plot)."""
-        return self.root / METRICS / "curves" / "train" / f"{self.rung}.csv"
+        return self._metrics_file("curves/train", ".csv")
 
     @property
     def val_curve(self) -> Path:
         """step and val loss at each evaluation (a DVC plot)."""
-        return self.root / METRICS / "curves" / "val" / f"{self.rung}.csv"
+        return self._metrics_file("curves/val", ".csv")
 
     @property
     def plot(self) -> Path:
         """Both curves in one PNG: a DVC plot that renders offline, and the run's MLflow artifact."""
-        return self.root / METRICS / "plots" / f"{self.rung}.png"
+        return self._metrics_file("plots", ".png")
 
     @property
     def summary(self) -> Path:
         """The rung's headline, the one DVC metrics file (short keys for `dvc exp show`)."""
-        return self.root / METRICS / "summary" / f"{self.rung}.json"
+        return self._metrics_file("summary")
 
     @property
     def tokens(self) -> Path:
