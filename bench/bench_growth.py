@@ -7,10 +7,12 @@ with the same total compute, the parent's own training counted.
    schedule (cached under checkpoints/bench/, so a second run with other child settings skips it); or, with
    --parent-steps 0, the pipeline's own models/<parent>/best.pt is used and its whole budget is counted.
 2. The grown child trains --steps with the pipeline's post-growth schedule (train.growth_lr_scale,
-   train.rewarmup_steps, train.growth_split; each can be overridden here). Reported: its val loss at every
-   evaluation and the largest rise above the parent's val loss (the goal: never more than 0.02 nats).
+   train.rewarmup_steps, train.growth_split, the child's ema_decay; each can be overridden here). Reported: its
+   val loss at every evaluation and the largest rise above the parent's val loss (the goal: never more than
+   0.02 nats). With an EMA, the loss is the EMA's (the weights the pipeline keeps); the trained weights' own
+   loss is shown beside it.
 3. The scratch child trains for as many steps as the parent and the grown child cost together, in FLOPs
-   (6 x params per token; GPT adds its attention). Reported: the FLOPs the grown child needs, parent included,
+   (6 x params per token; GPT adds its attention), with the same EMA. Reported: the FLOPs the grown child needs, parent included,
    to reach the val loss the scratch child ends with, and the saving against the scratch child's FLOPs.
 Never run by the tests.
 """
@@ -62,6 +64,7 @@ def main() -> None:
     ap.add_argument("--lr-scale", type=float, default=None, help="override train.growth_lr_scale")
     ap.add_argument("--rewarmup", type=int, default=None, help="override train.rewarmup_steps")
     ap.add_argument("--split", type=float, default=None, help="override train.growth_split")
+    ap.add_argument("--ema", type=float, default=None, help="override the child's ema_decay (0: off)")
     ap.add_argument("--no-scratch", action="store_true", help="only the grown child (to compare schedules)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     args = ap.parse_args()
@@ -107,19 +110,21 @@ def main() -> None:
 
     # 2. the grown child, on the pipeline's post-growth schedule
     b = budget_for(params, args.child)
+    ema = b.ema_decay if args.ema is None else args.ema
     grown_state = grow_state_dict(parent_sd, parent_cfg, cfg, noise=params.promote.growth_noise,
                                   generator=torch.Generator().manual_seed(params.seed), split=tp.growth_split)
     print(f"{args.parent} ({count_params(parent_model):,} params, {parent_steps} steps, val loss {parent_val:.4f}) -> "
           f"{args.child} ({count_params(build_model(cfg)):,} params); {tokens_per_step} tokens a step, "
           f"{torch.get_num_threads()} threads\n"
           f"grown: {args.steps} steps, peak lr {b.lr:.2e} (x{tp.growth_lr_scale} of {tp.lr}), re-warmup "
-          f"{min(b.warmup, args.steps)}, split {tp.growth_split}")
+          f"{min(b.warmup, args.steps)}, split {tp.growth_split}, EMA decay {ema or 'off'}")
     _, grown, t_grown = train(cfg, params, args.steps, min(b.warmup, args.steps), train_tokens, val_tokens,
-                              state=grown_state, eval_every=args.eval_every, lr=b.lr)
+                              state=grown_state, eval_every=args.eval_every, lr=b.lr, ema_decay=ema, grown=True)
     rise = max(r["val_loss"] for r in grown.history) - parent_val
-    print("| step | grown val loss | above parent |\n|---:|---:|---:|")
+    print("| step | grown val loss | above parent | trained weights (no EMA) |\n|---:|---:|---:|---:|")
     for r in grown.history:
-        print(f"| {r['step']} | {r['val_loss']:.4f} | {r['val_loss'] - parent_val:+.4f} |")
+        raw = f"{r['val_loss_raw']:.4f}" if "val_loss_raw" in r else "(same)"
+        print(f"| {r['step']} | {r['val_loss']:.4f} | {r['val_loss'] - parent_val:+.4f} | {raw} |")
     print(f"grown: {t_grown:.0f} s, best val loss {grown.best_val:.4f}; largest rise above the parent "
           f"{rise:+.4f} nats ({'within' if rise <= 0.02 else 'over'} the 0.02 goal)")
     if args.no_scratch:
@@ -129,7 +134,7 @@ def main() -> None:
     total = parent_flops + args.steps * child_step_flops
     scratch_steps = round(total / child_step_flops)
     _, scratch, t_scratch = train(cfg, params, scratch_steps, tp.warmup_steps, train_tokens, val_tokens,
-                                  eval_every=args.eval_every)
+                                  eval_every=args.eval_every, ema_decay=ema)
     print(f"\nscratch: {scratch_steps} steps (= {parent_steps} parent + {args.steps} grown steps in FLOPs), "
           f"{t_scratch:.0f} s, final val loss {scratch.history[-1]['val_loss']:.4f}, best {scratch.best_val:.4f}")
     print("| step | scratch val loss |\n|---:|---:|")

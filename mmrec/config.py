@@ -100,6 +100,7 @@ class RungParams(Section):
     max_steps: Annotated[int, Field(ge=0)] = 0  # 0: use train.max_steps
     lr: Annotated[float, Field(ge=0)] = 0.0  # 0: use train.lr
     dropout: Annotated[float | None, Field(ge=0, lt=1)] = None  # None: use model.dropout (a larger rung overfits sooner)
+    ema_decay: Annotated[float | None, Field(ge=0, lt=1)] = None  # None: use train.ema_decay
 
     @property
     def parent(self) -> str | None:
@@ -128,13 +129,14 @@ class TrainParams(Section):
     min_lr: Annotated[float, Field(ge=0, le=1)] = 3e-4
     warmup_steps: Annotated[int, Field(ge=0)] = 50
     rewarmup_steps: Annotated[int, Field(ge=0)] = 20  # warmup of a rung grown from its parent
-    growth_lr_scale: Annotated[float, Field(gt=0, le=1)] = 0.1  # a grown rung's peak lr: lr x this (unless ladder.<rung>.lr)
+    growth_lr_scale: Annotated[float, Field(gt=0, le=1)] = 0.5  # a grown rung's peak lr: lr x this (unless ladder.<rung>.lr)
     growth_split: Annotated[float, Field(ge=0, le=2)] = GROWTH_SPLIT  # uneven shares of width copies; 0: even (symmetric)
     weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.1
     beta1: Annotated[float, Field(ge=0, lt=1)] = 0.9
     beta2: Annotated[float, Field(ge=0, lt=1)] = 0.99
     grad_clip: Annotated[float, Field(ge=0)] = 1.0  # 0 turns clipping off
-    max_steps: Annotated[int, Field(ge=1)] = 1500
+    ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0  # evaluate and keep an EMA of the weights; 0: off
+    max_steps: Annotated[int, Field(ge=1)] = 2500
     max_tokens: Annotated[int, Field(ge=0)] = 0  # 0: budget is max_steps only
     eval_every: PositiveInt = 100
     eval_windows: PositiveInt = 32  # fixed validation windows of seq_len tokens
@@ -188,7 +190,8 @@ class Params(Section):
     train: TrainParams = TrainParams()
     ladder: dict[str, RungParams] = {
         "tiny": RungParams(width=128, layers=4),
-        "mini": RungParams(width=256, layers=6, after="models/tiny/handoff.json", max_steps=1000, dropout=0.1),
+        "mini": RungParams(width=256, layers=6, after="models/tiny/handoff.json", max_steps=1000, dropout=0.1,
+                           ema_decay=0.995),
     }
     evaluate: EvaluateParams = EvaluateParams()
     promote: PromoteParams = PromoteParams()

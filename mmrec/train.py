@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from mmrec import checkpoint, distributed
@@ -69,6 +70,7 @@ class Budget:
     steps: int
     lr: float
     warmup: int
+    ema_decay: float = 0.0  # 0: evaluate and keep the trained weights themselves
 
 
 @dataclass
@@ -180,10 +182,20 @@ def val_loss(model: torch.nn.Module, val: np.ndarray, starts: list[int], tp: Tra
         return score(model, val, [(s, tp.seq_len) for s in starts], tp.batch_size, device).loss
 
 
+def ema_of(model: torch.nn.Module, decay: float, ramp: bool) -> AveragedModel:
+    """An exponential moving average of the weights. From a random init its decay ramps up as
+    (1 + n) / (10 + n), so that the first steps' weights do not linger in it; a grown rung starts from its
+    parent's good weights and averages at the full decay from the first step."""
+    def average(avg: list[torch.Tensor], new: list[torch.Tensor], n: torch.Tensor | int) -> None:
+        d = min(decay, (1 + float(n)) / (10 + float(n))) if ramp else decay
+        torch._foreach_lerp_(avg, new, 1 - d)
+    return AveragedModel(model, multi_avg_fn=average)
+
+
 def fit(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, tp: TrainParams, budget: Budget, *,
         generator: torch.Generator, ckpt_dir: Path, extra: dict[str, Any], sink: MetricSink | None = None,
         resume: dict[str, Any] | None = None, device: torch.device = torch.device("cpu"),
-        group: distributed.Group = distributed.Group()) -> Progress:
+        group: distributed.Group = distributed.Group(), grown: bool = False) -> Progress:
     """Train until the budget or early stopping; rank 0 keeps best.pt and last.pt in ckpt_dir.
 
     Under torchrun every rank samples its own windows (its generator is seeded apart) and DDP averages
@@ -192,9 +204,12 @@ def fit(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, tp: TrainPar
     optimizer = torch.optim.AdamW(param_groups(model, tp.weight_decay), lr=budget.lr, betas=(tp.beta1, tp.beta2),
                                   fused=device.type == "cuda")
     progress = Progress()
+    ema = ema_of(model, budget.ema_decay, ramp=not grown) if budget.ema_decay else None
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(resume["ema"])
         progress = Progress(**resume["progress"])
         restore_rng(resume["rng"], device, generator, group, ckpt_dir / "last.pt")
     wrapped = model
@@ -212,9 +227,13 @@ def fit(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, tp: TrainPar
         rng = rng_state(device, generator, group) if with_optimizer else None  # collective: every rank calls it
         if not group.main:
             return
-        state = {"model": model.state_dict(), "progress": progress.__dict__, **extra}
+        # best.pt holds the weights that were evaluated: the EMA's when there is one
+        kept = model if ema is None or with_optimizer else ema.module
+        state = {"model": kept.state_dict(), "progress": progress.__dict__, **extra}
         if with_optimizer:
             state |= {"optimizer": optimizer.state_dict(), "rng": rng}
+            if ema is not None:
+                state["ema"] = ema.state_dict()
         checkpoint.save_atomic(state, ckpt_dir / name)
 
     bar = tqdm(total=budget.steps, initial=progress.step, desc="train", unit="step", dynamic_ncols=True,
@@ -252,6 +271,8 @@ def fit(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, tp: TrainPar
                                                          tp.grad_clip if tp.grad_clip > 0 else math.inf))
         if math.isfinite(grad_norm):  # DDP averaged the gradients first, so every rank agrees
             optimizer.step()
+            if ema is not None:
+                ema.update_parameters(model)
         else:  # a finite loss with an inf/NaN gradient: clipping would spread the NaN into every weight
             progress.skipped_steps += 1
         optimizer.zero_grad(set_to_none=True)
@@ -276,8 +297,10 @@ def fit(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, tp: TrainPar
             if progress.step % tp.log_every == 0:
                 sink.flush()
         if progress.step % tp.eval_every == 0 or progress.step == budget.steps:
-            vl = val_loss(model, val, starts, tp, device)
+            vl = val_loss(model if ema is None else ema.module, val, starts, tp, device)
             row = {"step": progress.step, "train_loss": float(np.mean(train_losses)), "val_loss": vl, "lr": lr}
+            if ema is not None:  # the weights being trained, beside the average that is kept: shown, not used
+                row["val_loss_raw"] = val_loss(model, val, starts, tp, device)
             progress.history.append(row)
             train_losses = []
             if vl < progress.best_val:
@@ -291,7 +314,7 @@ def fit(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, tp: TrainPar
             if group.main:
                 bar.write(f"step {progress.step}: val loss {vl:.4f} (best {progress.best_val:.4f} @ {progress.best_step})")
             if sink is not None:
-                sink.log(progress.step, **{"loss/val": vl})
+                sink.log(progress.step, **{"loss/val": vl}, **({"loss/val_raw": row["val_loss_raw"]} if ema else {}))
                 sink.flush()
             clock = time.perf_counter()  # evaluation time is not training throughput
         warming_up = False
@@ -324,15 +347,17 @@ class StopRequest:
 
 
 def budget_for(params: Params, rung_name: str, world: int = 1) -> Budget:
-    """Steps, peak lr and warmup of a rung; `world` processes each take batch_size windows a step, so
-    train.max_tokens (all ranks' tokens) caps the steps at max_tokens / (tokens a step x world)."""
+    """Steps, peak lr, warmup and weight averaging of a rung; `world` processes each take batch_size windows a
+    step, so train.max_tokens (all ranks' tokens) caps the steps at max_tokens / (tokens a step x world)."""
     tp, rung = params.train, params.rung(rung_name)
     steps = rung.max_steps or tp.max_steps
     if tp.max_tokens:
         steps = min(steps, math.ceil(tp.max_tokens / (tp.batch_size * tp.seq_len * tp.grad_accum * world)))
+    ema = tp.ema_decay if rung.ema_decay is None else rung.ema_decay
     if rung.parent:  # a grown rung starts at its parent's loss: a lower peak keeps AdamW's first steps from undoing it
-        return Budget(steps=steps, lr=rung.lr or tp.lr * tp.growth_lr_scale, warmup=min(tp.rewarmup_steps, steps))
-    return Budget(steps=steps, lr=rung.lr or tp.lr, warmup=min(tp.warmup_steps, steps))
+        return Budget(steps=steps, lr=rung.lr or tp.lr * tp.growth_lr_scale, warmup=min(tp.rewarmup_steps, steps),
+                      ema_decay=ema)
+    return Budget(steps=steps, lr=rung.lr or tp.lr, warmup=min(tp.warmup_steps, steps), ema_decay=ema)
 
 
 def fingerprint(params: Params, rung_name: str, header: dict[str, Any], parent_sha: str) -> str:
@@ -391,7 +416,8 @@ def train_rung(params: Params, rung_name: str, root: Path = Path(".")) -> dict[s
     with closed_on_failure(run):  # a fault or Ctrl-C ends the run FAILED / KILLED, never left RUNNING
         try:
             progress = fit(model, train_tokens, val_tokens, tp, budget, generator=generator, ckpt_dir=paths.ckpt,
-                           extra=extra, sink=SharingSink(run, cores), resume=resume, device=device, group=group)
+                           extra=extra, sink=SharingSink(run, cores), resume=resume, device=device, group=group,
+                           grown=rung.parent is not None)
         finally:
             cores.close()
             distributed.shutdown(group)
