@@ -93,3 +93,17 @@ def test_a_rung_may_override_dropout_and_defaults_to_the_models():
     assert ModelConfig.from_params(p.model, p.rung("mini"), 100).dropout == 0.2
     with pytest.raises(ParamsError, match="ladder.mini.dropout"):
         parse_params({"ladder": {"mini": {"width": 256, "layers": 6, "dropout": 1.5}}})
+
+
+def test_a_rung_may_override_the_weight_average_and_defaults_to_train_ema_decay():
+    from mmrec.train import budget_for
+
+    p = parse_params({"train": {"ema_decay": 0.9}, "ladder": {
+        "tiny": {"width": 128, "layers": 4},
+        "mini": {"width": 256, "layers": 6, "after": "models/tiny/handoff.json", "ema_decay": 0.995}}})
+    assert budget_for(p, "tiny").ema_decay == 0.9
+    assert budget_for(p, "mini").ema_decay == 0.995
+    off = parse_params({"ladder": {"tiny": {"width": 128, "layers": 4, "ema_decay": 0.0}}})
+    assert budget_for(off, "tiny").ema_decay == 0.0
+    with pytest.raises(ParamsError, match="ladder.mini.ema_decay"):
+        parse_params({"ladder": {"mini": {"width": 256, "layers": 6, "ema_decay": 1.0}}})

@@ -9,10 +9,11 @@ from mlflow import MlflowClient
 
 import mmrec.train as train_module
 from mmrec import checkpoint, distributed
+from mmrec.data import fixed_starts
 from mmrec.model import ModelConfig, ModelOutput, build_model
 from mmrec.tokenizer import load_tokens
-from mmrec.train import (Budget, TrainingDiverged, budget_for, fit, forward_backward, lr_at, peak_flops, restore_rng,
-                         rng_state, seed_everything, train_rung, use_compile)
+from mmrec.train import (Budget, TrainingDiverged, budget_for, ema_of, fit, forward_backward, lr_at, peak_flops,
+                         restore_rng, rng_state, seed_everything, train_rung, use_compile, val_loss)
 from tests.conftest import tiny_params
 
 
@@ -54,8 +55,9 @@ def setup(root, **sections):
     return params, model, gen, train, val, budget
 
 
-def run_fit(root, ckpt_dir, sink=None, resume=None):
+def run_fit(root, ckpt_dir, sink=None, resume=None, ema=0.0):
     params, model, gen, train, val, budget = setup(root)
+    budget.ema_decay = ema
     progress = fit(model, train, val, params.train, budget, generator=gen, ckpt_dir=ckpt_dir,
                    extra={"fingerprint": "x"}, sink=sink, resume=resume)
     return progress, model
@@ -68,16 +70,58 @@ def test_same_seed_gives_bit_identical_losses(workdir):
     assert len(a.history) == 2 and a.history[-1]["val_loss"] < math.log(400)
 
 
-def test_resume_after_a_kill_ends_with_the_same_weights(workdir):
-    whole, whole_model = run_fit(workdir, workdir / "whole")
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_resume_after_a_kill_ends_with_the_same_weights(workdir, ema):
+    whole, whole_model = run_fit(workdir, workdir / "whole", ema=ema)
     with pytest.raises(Crash):
-        run_fit(workdir, workdir / "killed", sink=CrashAt(25))  # last.pt was written at step 20
+        run_fit(workdir, workdir / "killed", sink=CrashAt(25), ema=ema)  # last.pt was written at step 20
     last = checkpoint.load(workdir / "killed" / "last.pt")
     assert last["progress"]["step"] == 20
-    resumed, resumed_model = run_fit(workdir, workdir / "killed", resume=last)
+    resumed, resumed_model = run_fit(workdir, workdir / "killed", resume=last, ema=ema)
     assert resumed.history == whole.history
     for (name, a), b in zip(whole_model.state_dict().items(), resumed_model.state_dict().values()):
         assert torch.equal(a, b), name
+    best_whole = checkpoint.load(workdir / "whole" / "best.pt")["model"]  # the EMA's weights, when there is one
+    for name, b in checkpoint.load(workdir / "killed" / "best.pt")["model"].items():
+        assert torch.equal(best_whole[name], b), name
+
+
+def test_the_ema_ramps_up_from_a_random_init_and_averages_at_full_decay_after_growth():
+    for ramp, decay_at_step_2 in [(True, 2 / 11), (False, 0.9)]:
+        model = torch.nn.Linear(1, 1, bias=False)
+        torch.nn.init.constant_(model.weight, 1.0)
+        ema = ema_of(model, 0.9, ramp=ramp)
+        ema.update_parameters(model)  # the first update copies
+        torch.nn.init.constant_(model.weight, 0.0)
+        ema.update_parameters(model)
+        assert ema.module.weight.item() == pytest.approx(decay_at_step_2)
+
+
+def test_with_an_ema_the_kept_weights_are_the_average_and_the_trained_ones_are_logged_beside(workdir):
+    class Keep:
+        def __init__(self):
+            self.metrics = {}
+
+        def log(self, step, **metrics):
+            self.metrics.update({(k, step): v for k, v in metrics.items()})
+
+        def flush(self):
+            pass
+
+    sink = Keep()
+    progress, model = run_fit(workdir, workdir / "e", sink=sink, ema=0.9)
+    params, _, _, _, val, _ = setup(workdir)
+    best = checkpoint.load(workdir / "e" / "best.pt")["model"]
+    assert any(not torch.equal(best[k], v) for k, v in model.state_dict().items())  # not the trained weights
+    kept = build_model(model.cfg)
+    kept.load_state_dict(best)
+    starts = fixed_starts(len(val), params.train.seq_len, params.train.eval_windows)
+    assert val_loss(kept, val, starts, params.train, torch.device("cpu")) == pytest.approx(progress.best_val)
+    last = progress.history[-1]
+    assert last["val_loss_raw"] == pytest.approx(val_loss(model, val, starts, params.train, torch.device("cpu")))
+    assert last["val_loss_raw"] != last["val_loss"]
+    assert sink.metrics[("loss/val_raw", last["step"])] == last["val_loss_raw"]
+    assert "ema" in checkpoint.load(workdir / "e" / "last.pt")
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(workdir):

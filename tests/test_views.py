@@ -203,13 +203,13 @@ def test_the_readme_daily_loop_does_what_it_says_when_pasted_in_order(project, t
     assert "train.lr" not in dvc(root, "params", "diff").stdout
     shown = json.loads(dvc(root, "exp", "show", "--json").stdout)
     exps = {e["name"]: e for rev in shown for e in (rev.get("experiments") or [])}
-    assert set(exps) == {"lr-1e-3", "gpt", "lr-2e-3", "lr-5e-3"}
-    for name, lr, arch in [("lr-1e-3", 0.001, "mmrec"), ("gpt", 0.01, "gpt"), ("lr-5e-3", 0.005, "mmrec")]:
+    assert set(exps) == {"lr-1e-3", "gpt", "lr-2e-3", "lr-3e-3"}
+    for name, lr, arch in [("lr-1e-3", 0.001, "mmrec"), ("gpt", 0.01, "gpt"), ("lr-3e-3", 0.003, "mmrec")]:
         [rev] = exps[name]["revs"]
         data = rev["data"]
         assert float(data["params"]["params.yaml"]["data"]["train"]["lr"]) == lr  # each from the committed params
         assert data["params"]["params.yaml"]["data"]["model"]["arch"] == arch
         assert data["metrics"]["metrics/summary/tiny.json"]["data"]["tiny"]["bpb"] > 0
-    assert "lr-5e-3" in stdout and "gpt" in stdout  # the compare table lists the runs
+    assert "lr-3e-3" in stdout and "gpt" in stdout  # the compare table lists the runs
     assert (root / "val_loss.png").stat().st_size > 1000
     assert "['In the beginning" in stdout  # the champion wrote text
