@@ -314,7 +314,9 @@ def fit(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, tp: TrainPar
             if group.main:
                 bar.write(f"step {progress.step}: val loss {vl:.4f} (best {progress.best_val:.4f} @ {progress.best_step})")
             if sink is not None:
-                sink.log(progress.step, **{"loss/val": vl}, **({"loss/val_raw": row["val_loss_raw"]} if ema else {}))
+                sink.log(progress.step, **{"loss/val": vl})
+                if ema is not None:
+                    sink.log(progress.step, **{"loss/val_raw": row["val_loss_raw"]})
                 sink.flush()
             clock = time.perf_counter()  # evaluation time is not training throughput
         warming_up = False
