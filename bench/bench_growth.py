@@ -119,7 +119,7 @@ def main() -> None:
           f"grown: {args.steps} steps, peak lr {b.lr:.2e} (x{tp.growth_lr_scale} of {tp.lr}), re-warmup "
           f"{min(b.warmup, args.steps)}, split {tp.growth_split}, EMA decay {ema or 'off'}")
     _, grown, t_grown = train(cfg, params, args.steps, min(b.warmup, args.steps), train_tokens, val_tokens,
-                              state=grown_state, eval_every=args.eval_every, lr=b.lr, ema_decay=ema, grown=True)
+                              state=grown_state, eval_every=args.eval_every, lr=b.lr, ema_decay=ema)
     rise = max(r["val_loss"] for r in grown.history) - parent_val
     print("| step | grown val loss | above parent | trained weights (no EMA) |\n|---:|---:|---:|---:|")
     for r in grown.history:

@@ -30,20 +30,21 @@ def setup(root: Path = ROOT) -> tuple[Params, dict, object, object]:
 
 def train(cfg: ModelConfig, params: Params, steps: int, warmup: int, train_tokens, val_tokens,
           state: dict | None = None, eval_every: int | None = None,
-          sink: MetricSink | None = None, lr: float | None = None, ema_decay: float = 0.0,
-          grown: bool = False) -> tuple[torch.nn.Module, Progress, float]:
-    """The pipeline's own loop (fit) on a fresh model, or on `state` (`grown`: a parent's grown weights), at
-    peak `lr` (default train.lr), evaluating an EMA of the weights when `ema_decay`; returns model, progress,
-    seconds."""
+          sink: MetricSink | None = None, lr: float | None = None,
+          ema_decay: float = 0.0) -> tuple[torch.nn.Module, Progress, float]:
+    """The pipeline's own loop (fit) on a fresh model, or on `state` (a parent's grown weights), at peak `lr`
+    (default train.lr), evaluating an EMA of the weights when `ema_decay` (ramped up on a fresh model only, as
+    the pipeline does); returns model, progress, seconds."""
     tp = params.train.model_copy(update={"eval_every": eval_every or params.train.eval_every})
     generator = seed_everything(params.seed)
     model = build_model(cfg)
     if state is not None:
         model.load_state_dict(state)
+    budget = Budget(steps, lr or params.train.lr, warmup, ema_decay, ema_ramp=state is None)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as ckpt:
-        progress = fit(model, train_tokens, val_tokens, tp, Budget(steps, lr or params.train.lr, warmup, ema_decay),
-                       generator=generator, ckpt_dir=Path(ckpt), extra={}, sink=sink, grown=grown)
+        progress = fit(model, train_tokens, val_tokens, tp, budget,
+                       generator=generator, ckpt_dir=Path(ckpt), extra={}, sink=sink)
     return model, progress, time.perf_counter() - start
 
 

@@ -71,6 +71,7 @@ class Budget:
     lr: float
     warmup: int
     ema_decay: float = 0.0  # 0: evaluate and keep the trained weights themselves
+    ema_ramp: bool = True  # from a random init; a grown rung's average starts at its parent's weights, full decay
 
 
 @dataclass
@@ -195,7 +196,7 @@ def ema_of(model: torch.nn.Module, decay: float, ramp: bool) -> AveragedModel:
 def fit(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, tp: TrainParams, budget: Budget, *,
         generator: torch.Generator, ckpt_dir: Path, extra: dict[str, Any], sink: MetricSink | None = None,
         resume: dict[str, Any] | None = None, device: torch.device = torch.device("cpu"),
-        group: distributed.Group = distributed.Group(), grown: bool = False) -> Progress:
+        group: distributed.Group = distributed.Group()) -> Progress:
     """Train until the budget or early stopping; rank 0 keeps best.pt and last.pt in ckpt_dir.
 
     Under torchrun every rank samples its own windows (its generator is seeded apart) and DDP averages
@@ -204,7 +205,7 @@ def fit(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, tp: TrainPar
     optimizer = torch.optim.AdamW(param_groups(model, tp.weight_decay), lr=budget.lr, betas=(tp.beta1, tp.beta2),
                                   fused=device.type == "cuda")
     progress = Progress()
-    ema = ema_of(model, budget.ema_decay, ramp=not grown) if budget.ema_decay else None
+    ema = ema_of(model, budget.ema_decay, ramp=budget.ema_ramp) if budget.ema_decay else None
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
@@ -358,7 +359,7 @@ def budget_for(params: Params, rung_name: str, world: int = 1) -> Budget:
     ema = tp.ema_decay if rung.ema_decay is None else rung.ema_decay
     if rung.parent:  # a grown rung starts at its parent's loss: a lower peak keeps AdamW's first steps from undoing it
         return Budget(steps=steps, lr=rung.lr or tp.lr * tp.growth_lr_scale, warmup=min(tp.rewarmup_steps, steps),
-                      ema_decay=ema)
+                      ema_decay=ema, ema_ramp=False)
     return Budget(steps=steps, lr=rung.lr or tp.lr, warmup=min(tp.warmup_steps, steps), ema_decay=ema)
 
 
@@ -418,8 +419,7 @@ def train_rung(params: Params, rung_name: str, root: Path = Path(".")) -> dict[s
     with closed_on_failure(run):  # a fault or Ctrl-C ends the run FAILED / KILLED, never left RUNNING
         try:
             progress = fit(model, train_tokens, val_tokens, tp, budget, generator=generator, ckpt_dir=paths.ckpt,
-                           extra=extra, sink=SharingSink(run, cores), resume=resume, device=device, group=group,
-                           grown=rung.parent is not None)
+                           extra=extra, sink=SharingSink(run, cores), resume=resume, device=device, group=group)
         finally:
             cores.close()
             distributed.shutdown(group)
