@@ -98,7 +98,9 @@ def test_runs_views_and_plots_after_a_pipeline_and_an_experiment(project, monkey
 
     # dvc plots show: the loss curves as images the HTML embeds (no network needed), titled vega plots beside
     out = tmp_path / "plots"
-    dvc(root, "plots", "show", "-o", str(out))
+    shown = dvc(root, "plots", "show", "-o", str(out))
+    assert "failed to load" not in shown.stdout + shown.stderr  # nothing in the plot folders but plots
+    assert not (root / "metrics/plots/.gitignore").exists()  # the root .gitignore covers them: DVC adds none
     html = (out / "index.html").read_text()
     images = re.findall(r'<img src="([^"]+\.png)"', html)
     assert {Path(i).name.split("_")[-1] for i in images} >= {"tiny.png", "mini.png"}, images
