@@ -94,6 +94,10 @@ def _missing_run(err: BaseException) -> bool:
     return isinstance(err, MlflowException) and err.error_code == "RESOURCE_DOES_NOT_EXIST"
 
 
+# How requests words a server that is down (refused) or that died in the middle of a reply (broken, aborted).
+UNREACHABLE = ("Max retries exceeded", "Connection refused", "Connection broken", "Connection aborted")
+
+
 def describe(err: BaseException, store: str) -> str:
     """One line for a store fault: which store, what went wrong, what to do."""
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -107,7 +111,7 @@ def describe(err: BaseException, store: str) -> str:
     if "unable to open database file" in text or "readonly database" in text:
         return (f"MLflow store {store}: cannot open the database for writing; check the file and its directory "
                 "are writable, or point mlflow.tracking_uri elsewhere")
-    if isinstance(err, OSError) or "Max retries exceeded" in text or "Connection refused" in text:
+    if isinstance(err, OSError) or any(sign in text for sign in UNREACHABLE):
         return (f"MLflow store {store}: unreachable ({type(err).__name__}); start the tracking server or fix "
                 "MLFLOW_TRACKING_URI, then rerun `dvc repro` (it resumes)")
     return f"MLflow store {store}: {text[:300]}"

@@ -1,7 +1,11 @@
 import json
 import os
+import socket
+import threading
 
+import pytest
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from mmrec import track
 from mmrec.config import MlflowParams
@@ -124,3 +128,24 @@ def test_the_pipeline_run_names_the_champion_from_its_rungs(tmp_path):
     got = c.get_run(parent)
     assert got.data.tags["champion_rung"] == "mini" and got.data.tags["champion_version"] == "2"
     assert got.data.metrics["summary/best_test_bpb"] == 1.2 and got.info.status == "FINISHED"
+
+
+def test_a_server_that_dies_in_the_middle_of_a_reply_reads_as_unreachable(monkeypatch):
+    """A tracking server killed while it answers: the headers arrive, the body never does."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    listener = socket.create_server(("127.0.0.1", 0))
+    uri = f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+    def answer_and_die() -> None:
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n")
+        conn.close()
+
+    threading.Thread(target=answer_and_die, daemon=True).start()
+    with pytest.raises(MlflowException) as caught:
+        MlflowClient(uri).log_metric("0" * 32, "loss", 1.0)
+    listener.close()
+    assert "Connection broken" in str(caught.value)
+    line = track.describe(caught.value, uri)
+    assert line.startswith(f"MLflow store {uri}: unreachable") and "rerun `dvc repro`" in line
