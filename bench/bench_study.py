@@ -1,7 +1,7 @@
 """MM-Rec against the GPT baseline at an equal wall-clock training budget on the default corpus.
 
     dvc repro tokenizer
-    python bench/bench_study.py --minutes 5 --seqs 256 1024 --update-readme
+    python bench/bench_study.py --minutes 5 --seqs 256 1024 --update-docs
 
 Both archs use the tiny rung's shape (so about the same parameter count) and the same tokens per step.
 A short probe measures each one's step time; the budget in steps is then the minutes it can fill, so the
@@ -77,14 +77,14 @@ def table(rows: list[dict], minutes: float, tokens_per_step: int) -> str:
     return "\n".join(lines)
 
 
-def update_readme(text: str) -> None:
-    readme = ROOT / "README.md"
-    body = readme.read_text()
+def update_docs(text: str) -> None:
+    page = ROOT / "docs" / "measurements.md"
+    body = page.read_text()
     start, end = MARKERS
     if start not in body:
-        sys.exit(f"README.md has no {start} ... {end} section")
+        sys.exit(f"docs/measurements.md has no {start} ... {end} section")
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
-    readme.write_text(pattern.sub(lambda _: f"{start}\n{text}\n{end}", body))
+    page.write_text(pattern.sub(lambda _: f"{start}\n{text}\n{end}", body))
 
 
 def main() -> None:
@@ -92,7 +92,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=5.0, help="training budget of each run")
     ap.add_argument("--seqs", type=int, nargs="+", default=[256, 1024])
     ap.add_argument("--tokens", type=int, default=4096, help="tokens per step (batch = tokens // seq)")
-    ap.add_argument("--update-readme", action="store_true", help="write the table into README.md")
+    ap.add_argument("--update-docs", action="store_true", help="write the table into docs/measurements.md")
     ap.add_argument("--one", nargs=2, metavar=("ARCH", "SEQ"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:  # a child process: one run, as one JSON line
@@ -108,8 +108,8 @@ def main() -> None:
             print(f"{arch} seq {seq}: test bpb {rows[-1]['test_bpb']:.4f}", file=sys.stderr, flush=True)
     text = table(rows, args.minutes, args.tokens)
     print(text)
-    if args.update_readme:
-        update_readme(text)
+    if args.update_docs:
+        update_docs(text)
 
 
 if __name__ == "__main__":

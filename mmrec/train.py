@@ -109,7 +109,7 @@ COMPILE_BACKEND = "inductor"  # torch.compile's default; the tests trace with "e
 
 def use_compile(setting: str | bool, device: torch.device) -> bool:
     """train.compile: 'auto' compiles on CUDA only; true/false force it. On the CPU compiling MM-Rec took
-    1-4 minutes and its steps were no faster (README, "Training throughput and MFU")."""
+    1-4 minutes and its steps were no faster (docs/measurements.md, "Training throughput and MFU")."""
     return device.type == "cuda" if setting == "auto" else bool(setting)
 
 
