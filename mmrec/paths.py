@@ -56,6 +56,11 @@ class RungPaths:
         return self._metrics_file("eval")
 
     @property
+    def doc_scores(self) -> Path:
+        """The gate's figure document by document: id, scored bytes and bits of each test document."""
+        return self._metrics_file("eval", ".docs.json")
+
+    @property
     def speed(self) -> Path:
         return self._metrics_file("speed")
 
