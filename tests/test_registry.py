@@ -118,13 +118,16 @@ def test_list_set_champion_and_rollback_by_hand(workdir, capsys):
 
     code, out, _ = cli(capsys, *flags, "list")
     header, v1, v2 = out.splitlines()
-    assert code == 0 and header.split() == ["version", "rung", "test_bpb", "experiment", "commit", "aliases", "created"]
-    assert v1.split()[:4] == ["1", "tiny", "1.5000", "-"] and v1.split()[5] == "tiny"
-    assert v2.split()[:4] == ["2", "mini", "1.3000", "-"] and v2.split()[5] == "champion,mini"
+    assert code == 0 and header.split() == ["version", "rung", "test_bpb", "docs", "gain", "interval", "over",
+                                            "experiment", "commit", "aliases", "created"]
+    # v1 passed the unigram baseline by a fixed margin; v2 took champion from v1 by the paired test
+    assert v1.split()[:8] == ["1", "tiny", "1.5000", "11", "0.7000", "-", "unigram", "-"] and v1.split()[9] == "tiny"
+    assert v2.split()[:8] == ["2", "mini", "1.3000", "11", "0.2000", "[0.2000,0.2000]", "v1", "-"]
+    assert v2.split()[9] == "champion,mini"
 
     code, out, _ = cli(capsys, *flags, "set-champion", "1", "--reason", "mini repeats itself")
     assert code == 0 and out == "mmrec@champion -> v1 (was v2): mini repeats itself\n"
-    assert cli(capsys, *flags, "list")[1].splitlines()[1].split()[5] == "champion,tiny"
+    assert cli(capsys, *flags, "list")[1].splitlines()[1].split()[9] == "champion,tiny"
     tags = c.get_model_version("mmrec", "1").tags
     assert tags["champion.reason"] == "mini repeats itself" and tags["champion.previous"] == "2"
     assert tags["champion.set_by"].endswith("via set-champion") and tags["champion.set_at"].endswith("Z")
