@@ -115,7 +115,7 @@ def compare(ref: Figure, cand: Figure, p: PromoteParams, seed: int) -> Verdict:
                                      "the text")
     gain = ref.bpb - cand.bpb
     better = gain > 0 and gain >= margin
-    who = ref.label if ref.scores is None else "this rung"
+    who = ref.label if ref.scores is None else "this one"
     return Verdict(better, True, f"{who} has no per-document scores, so the fixed margin alone: {cand.metric} "
                                  f"{cand.bpb:.4f} gains {gain:.4f} on {ref.label} ({ref.bpb:.4f}), "
                                  f"{'>=' if better else 'short of'} min_improvement {margin}", gain)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mmrec.errors import UserError
-from mmrec.paired import GATE_METRIC, DocScores, difference, doc_id, load, paired_gain, save
+from mmrec.paired import GATE_METRIC, DocScores, difference, doc_id, figure_interval, load, paired_gain, save
 
 
 def scores(bits, n_bytes, ids=None, whole=True, split_documents=None, metric=GATE_METRIC) -> DocScores:
@@ -40,6 +40,15 @@ def test_the_mean_gain_is_a_ratio_of_sums_and_the_interval_that_of_the_exact_boo
     assert np.quantile(exact, 0.04) <= g.low <= np.quantile(exact, 0.06)
     assert np.quantile(exact, 0.94) <= g.high <= np.quantile(exact, 0.96)
     assert g.low < g.mean < g.high and g.confidence == 0.9
+
+
+def test_one_figures_interval_is_the_exact_bootstrap_of_its_bits_over_its_bytes():
+    n_bytes, bits = [100, 300, 50, 200], [150.0, 420.0, 90.0, 260.0]
+    low, high = figure_interval(scores(bits, n_bytes), 0.8, 20_000, seed=1)
+    b, n = np.array(bits), np.array(n_bytes, dtype=float)
+    exact = np.array([b[list(i)].sum() / n[list(i)].sum() for i in itertools.product(range(4), repeat=4)])
+    assert np.quantile(exact, 0.09) <= low <= np.quantile(exact, 0.11)
+    assert np.quantile(exact, 0.89) <= high <= np.quantile(exact, 0.91)
 
 
 def test_equal_gains_on_every_document_give_an_interval_of_one_point():

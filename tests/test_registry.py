@@ -208,7 +208,20 @@ def test_champion_ends_on_the_better_experiment_through_dvc(project):
     assert sorted(by_exp["worse"].aliases) == ["exp-worse"] and by_exp[""].aliases == []
     promotion = json.loads((root / "models/tiny/promotion.json").read_text())
     assert promotion["dvc_exp_name"] == "worse" and not promotion["champion"]
-    assert promotion["champion_reason"].startswith(f"stayed: test_bpb {worse:.4f} does not beat v")
+    assert promotion["champion_reason"].startswith(f"stayed: test_bpb_context {worse:.4f} gains -")
+    assert promotion["champion_reason"].endswith("the lower end does not clear min_improvement 0.0")
+    assert promotion["champion_gain_high"] < 0  # the worse experiment is worse on the whole interval
     assert by_exp["worse"].tags["champion.decision"] == promotion["champion_reason"]
     for v in by_exp.values():
         assert {"test_bpb", "rung", "git_commit", "data_sha256", "tokenizer_sha256", "params_hash"} <= set(v.tags)
+
+    # the worse experiment's weights (train comes back from the run-cache) scored on the first 600 test tokens only
+    dvc(root, "exp", "run", "-n", "subset", "-S", "train.max_steps=20", "-S", "evaluate.max_tokens=600")
+    promotion = json.loads((root / "models/tiny/promotion.json").read_text())
+    v = str(by_exp["worse"].version)
+    assert promotion["model_version"] == v and not promotion["whole_split"] and not promotion["champion"]
+    assert promotion["version_figure"].startswith(f"v{v} keeps its reference figure (test_bpb_context {worse:.4f}, "
+                                                  "the whole test split); this one on a subset of the test split")
+    assert promotion["champion_reason"].startswith("stayed: this figure is on a subset of the test split")
+    assert c.get_model_version("mmrec", v).tags["test_bpb"] == by_exp["worse"].tags["test_bpb"]
+    assert str(c.get_model_version_by_alias("mmrec", "champion").version) == str(by_exp["better"].version)
