@@ -340,8 +340,9 @@ def publish(run, d: Decision, params: Params, paths: RungPaths) -> None:
             description = (f"{rung} ({tags['arch']}): test {d.test_bpb:.4f} bits/byte{on}, {d.reason}; "
                            f"{where} at {tags['git_commit'][:8]}, data {d.data_sha256[:12]}")
             version = registry.register(run, name, paths.best, paths.tokenizer, tags=tags | figure_tags(d),
-                                        description=description, metrics=track.test_metric_names(metrics),
-                                        doc_scores=paths.doc_scores if scores is not None else None)
+                                        description=description, metrics=track.test_metric_names(metrics))
+            if scores is not None:
+                registry.keep_doc_scores(c, name, version, paths.doc_scores, {})
             d.version_figure = f"v{version} registered with this figure{on}"
         else:
             registry.set_tags(c, name, version, tags)  # a rerun on the same weights: where it ran now

@@ -102,10 +102,9 @@ def served_modules(start: tuple[str, ...] = ("registry", "inference")) -> set[st
 
 
 def register(run, name: str, checkpoint: Path, tokenizer: Path, *, tags: dict[str, str], description: str,
-             metrics: dict[str, float], doc_scores: Path | None = None) -> str:
-    """Log the checkpoint as a pyfunc model of `run` carrying `metrics` (and `doc_scores`, the per-document test
-    scores of its figure, as DOC_SCORES beside it), register it as a new version of `name` linked to that
-    logged model, with `tags` and a one-line `description`. Returns the version number."""
+             metrics: dict[str, float]) -> str:
+    """Log the checkpoint as a pyfunc model of `run` carrying `metrics`, register it as a new version of `name`
+    linked to that logged model, with `tags` and a one-line `description`. Returns the version number."""
     from mmrec.track import fluent_store
 
     logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)  # the pickled wrapper is stateless: no warning
@@ -117,8 +116,6 @@ def register(run, name: str, checkpoint: Path, tokenizer: Path, *, tags: dict[st
                 artifacts={"checkpoint": str(checkpoint), "tokenizer": str(tokenizer)},
                 pip_requirements=[f"{p}=={_version(p)}" for p in ("torch", "sentencepiece", "numpy", "pydantic")])
             mlflow.log_metrics(metrics, model_id=info.model_id)
-        if doc_scores is not None:
-            _upload_doc_scores(run.client, info.model_id, doc_scores)
         # through models:/<model_id>, so the version knows its logged model and the model lists the version
         version = mlflow.register_model(info.model_uri, name, tags=tags | {"model_id": info.model_id}).version
     run.client.update_model_version(name, version, description=description)
@@ -204,18 +201,14 @@ def _legacy_metric(run_metrics: dict[str, float], bpb: Any) -> str:
 DOC_SCORES = "test_docs.json"  # a version's per-document test scores, in its logged model beside MLmodel
 
 
-def _upload_doc_scores(client, model_id: str, path: Path) -> None:
+def keep_doc_scores(client, name: str, version: str, path: Path, tags: dict[str, str]) -> None:
+    """Give a version its reference figure: per-document scores (as DOC_SCORES in its logged model) and `tags`."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / DOC_SCORES
         shutil.copyfile(path, copy)
-        client.log_model_artifact(model_id, str(copy))
-
-
-def keep_doc_scores(client, name: str, version: str, path: Path, tags: dict[str, str]) -> None:
-    """Give an existing version a new reference figure: its per-document scores and the tags naming them."""
-    _upload_doc_scores(client, client.get_model_version(name, version).tags["model_id"], path)
+        client.log_model_artifact(client.get_model_version(name, version).tags["model_id"], str(copy))
     set_tags(client, name, version, tags)
 
 

@@ -277,9 +277,7 @@ def redo_data(root, test_fraction=0.1, vocab_size=None):
 def version_tags(params, version):
     from mlflow import MlflowClient
 
-    from mmrec import track
-
-    return MlflowClient(track.tracking_uri(params.mlflow)).get_model_version("mmrec", version).tags
+    return MlflowClient(params.mlflow.tracking_uri).get_model_version("mmrec", version).tags  # absolute in tests
 
 
 JITTER = [0.03, -0.02, 0.05, 0.0, -0.04, 0.02, 0.01, -0.03, 0.04, -0.01, 0.0, 0.02, -0.02]
