@@ -83,12 +83,11 @@ def test_metrics(model: torch.nn.Module, params, root: Path = Path("."),
     uni = unigram_nll(load_tokens(tokens_dir, "train"), test, header["vocab_size"])
     # test_bytes_scored: UTF-8 bytes of the scored tokens (all but the first, which nothing predicts), the
     # denominator of bits per byte; it is a little under the split's text bytes in metrics/tokenizer.json
-    metrics = {"test_loss": s.loss, "test_ppl": perplexity(s.loss), "test_bpb": bits_per_byte(s.nll_sum, n_bytes),
-               "test_top1": s.top1 / s.tokens, "test_top5": s.top5 / s.tokens, "test_tokens_scored": s.tokens,
-               "test_bytes_scored": n_bytes, "test_documents": len(docs.ids), "unigram_loss": uni / s.tokens,
-               "unigram_bpb": bits_per_byte(uni, n_bytes), "test_loss_context": c.loss,
-               "test_bpb_context": bits_per_byte(c.nll_sum, n_bytes)}
-    return metrics, docs
+    return {"test_loss": s.loss, "test_ppl": perplexity(s.loss), "test_bpb": bits_per_byte(s.nll_sum, n_bytes),
+            "test_top1": s.top1 / s.tokens, "test_top5": s.top5 / s.tokens, "test_tokens_scored": s.tokens,
+            "test_bytes_scored": n_bytes, "test_documents": len(docs.ids), "unigram_loss": uni / s.tokens,
+            "unigram_bpb": bits_per_byte(uni, n_bytes), "test_loss_context": c.loss,
+            "test_bpb_context": bits_per_byte(c.nll_sum, n_bytes)}, docs
 
 
 def summary(rung: str, test_bpb: float, best_val_loss: float, n_params: int) -> dict[str, dict[str, float]]:
