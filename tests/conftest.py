@@ -6,6 +6,7 @@ import random
 import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,15 @@ for _who in ("AUTHOR", "COMMITTER"):  # commits made by the tests (and dvc exp) 
 SUBJECTS = ["the king", "a shepherd", "the people", "my brother", "the prophet", "his servant", "the city"]
 VERBS = ["went up to", "spake unto", "looked upon", "came down from", "gave bread to", "dwelt in"]
 OBJECTS = ["the mountain", "the house of David", "Jerusalem", "the river", "the land of Egypt", "the temple"]
+
+
+@pytest.fixture(autouse=True)
+def _sys_path_restored():
+    """mlflow.pyfunc.load_model puts a model's code folder (a partial copy of mmrec) first on sys.path: a process
+    that a later test spawns would import that copy instead of the package under test."""
+    saved = list(sys.path)
+    yield
+    sys.path[:] = saved
 
 
 @pytest.fixture(autouse=True)
