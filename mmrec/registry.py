@@ -105,7 +105,7 @@ def register(run, name: str, checkpoint: Path, tokenizer: Path, *, tags: dict[st
              metrics: dict[str, float]) -> str:
     """Log the checkpoint as a pyfunc model of `run` carrying `metrics`, register it as a new version of `name`
     linked to that logged model, with `tags` and a one-line `description`. Returns the version number."""
-    from mmrec.track import fluent_store
+    from mmrec.store import fluent_store
 
     logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)  # the pickled wrapper is stateless: no warning
     with fluent_store(run.client.tracking_uri), _served_code() as code:
@@ -144,7 +144,7 @@ def _version(package: str) -> str:
 @contextlib.contextmanager
 def locked(tracking_uri: str) -> Iterator[None]:
     """One promotion at a time reads and moves the aliases: queued experiments promote concurrently."""
-    from mmrec.track import local_store
+    from mmrec.store import local_store
 
     store = local_store(tracking_uri)
     if store is None or not tracking_uri.startswith("sqlite:"):
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     from mlflow import MlflowClient
 
     from mmrec.config import PARAMS_FILE, load_params
-    from mmrec.track import store_settings
+    from mmrec.store import store_settings
 
     uri, _ = store_settings(args.tracking_uri, None)
     name = args.model or (load_params().promote.registered_model if PARAMS_FILE.exists() else "mmrec")

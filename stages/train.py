@@ -19,7 +19,7 @@ def main(argv: list[str]) -> None:
     if params.train.nproc > 1 and "LOCAL_RANK" not in os.environ:  # relaunch under torch's own launcher
         os.execvp(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                    f"--nproc_per_node={params.train.nproc}", __file__, rung])
-    from mmrec.train import train_rung
+    from mmrec.rung import train_rung
 
     metrics = train_rung(params, rung)
     if metrics is not None:  # rank 0

@@ -96,7 +96,7 @@ def test_a_rung_may_override_dropout_and_defaults_to_the_models():
 
 
 def test_a_rung_may_override_the_weight_average_and_defaults_to_train_ema_decay():
-    from mmrec.train import budget_for
+    from mmrec.schedule import budget_for
 
     p = parse_params({"train": {"ema_decay": 0.9}, "ladder": {
         "tiny": {"width": 128, "layers": 4},

@@ -7,7 +7,7 @@ import yaml
 from tests.conftest import REPO
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mmrec"
-MLFLOW_MODULES = {"track", "registry"}
+MLFLOW_MODULES = {"store", "track", "pipeline_run", "registry"}
 
 
 def project_imports(path: Path) -> set[str]:

@@ -12,9 +12,9 @@ import requests
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from mmrec import track
 from mmrec.promote import promote_rung
 from mmrec.registry import main as registry_cli
+from mmrec.store import fluent_store, tracking_uri
 from tests.conftest import dvc, free_port, kill_tree, run, tiny_params
 from tests.test_promote import plant_pickle, rung_with_checkpoint
 
@@ -22,7 +22,7 @@ ONE_RUNG = {"ladder": {"tiny": {"width": 32, "layers": 1, "memories": 2, "after"
 
 
 def store(params) -> tuple[str, MlflowClient]:
-    uri = track.tracking_uri(params.mlflow)
+    uri = tracking_uri(params.mlflow)
     return uri, MlflowClient(uri, uri)
 
 
@@ -70,7 +70,7 @@ def test_a_version_holds_the_weights_once_its_tags_and_a_link_to_its_logged_mode
     assert sum(files.values()) < weights + 100_000, files  # the model's own code and a few metadata files
     assert "code/mmrec/model.py" in files and "code/mmrec/train.py" not in files
 
-    with track.fluent_store(uri):
+    with fluent_store(uri):
         model = mlflow.pyfunc.load_model("models:/mmrec@champion")
     [text] = model.predict(["The king"])
     assert text == local_generate(paths, "The king", 40) != local_generate(paths, "The king", 4)
@@ -91,7 +91,7 @@ def test_a_pickle_planted_in_a_version_never_runs_when_the_model_loads(workdir):
     logged = c.get_logged_model(c.get_model_version("mmrec", "1").tags["model_id"])
     marker = workdir / "payload-ran"
     plant_pickle(Path(logged.artifact_location.removeprefix("file://")) / "artifacts/best.pt", marker)
-    with track.fluent_store(uri), pytest.raises(Exception, match="cannot be read \\(UnpicklingError"):
+    with fluent_store(uri), pytest.raises(Exception, match="cannot be read \\(UnpicklingError"):
         mlflow.pyfunc.load_model("models:/mmrec@champion")
     assert not marker.exists()
 
@@ -155,7 +155,7 @@ def test_mlflow_models_serve_answers_with_40_tokens_by_default_and_400_for_a_bad
     log = open(tmp_path / "serve.log", "w")
     server = subprocess.Popen([shutil.which("mlflow"), "models", "serve", "-m", "models:/mmrec@champion",
                                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], cwd=cwd,
-                              env={**os.environ, "MLFLOW_TRACKING_URI": track.tracking_uri(params.mlflow)},
+                              env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(params.mlflow)},
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

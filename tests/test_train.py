@@ -10,10 +10,14 @@ from mlflow import MlflowClient
 import mmrec.train as train_module
 from mmrec import checkpoint, distributed
 from mmrec.data import fixed_starts
+from mmrec.ema import ema_of
 from mmrec.model import ModelConfig, ModelOutput, build_model
+from mmrec.perf import peak_flops
+from mmrec.rung import train_rung
+from mmrec.schedule import Budget, budget_for, lr_at
 from mmrec.tokenizer import load_tokens
-from mmrec.train import (Budget, TrainingDiverged, budget_for, ema_of, fit, forward_backward, lr_at, peak_flops,
-                         restore_rng, rng_state, seed_everything, train_rung, use_compile, val_loss)
+from mmrec.train import (TrainingDiverged, fit, forward_backward, restore_rng, rng_state, seed_everything, use_compile,
+                         val_loss)
 from tests.conftest import tiny_params
 
 
