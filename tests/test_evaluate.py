@@ -74,7 +74,8 @@ def test_sliding_windows_score_every_target_once_with_half_a_window_of_context(n
 # 90 tokens, 89 targets (target p is tokens[p + 1]), seq_len 32 sliding by 16, written out by hand: the first
 # window scores its 32 targets from token 0 on; each later one scores the next 16 (the last, the 9 left) and
 # reads from 32 tokens before its end, so every target after the first window has 16 or more tokens behind it.
-GPT_CONTEXT_FROM = [(range(0, 32), 0), (range(32, 48), 16), (range(48, 64), 32), (range(64, 80), 48), (range(80, 89), 57)]
+GPT_CONTEXT_FROM = [(range(0, 32), 0), (range(32, 48), 16), (range(48, 64), 32), (range(64, 80), 48),
+                    (range(80, 89), 57)]
 
 
 def test_gpt_sliding_score_is_the_nll_of_each_target_once_with_its_half_window_of_context():
