@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from mmrec import scan
+from mmrec import scan as scan_module
 from mmrec.errors import UserError
 from mmrec.scan import FLA_AVAILABLE, choose_backend, hgrn_scan, linear_scan, scan_backend, sequential_scan
 
@@ -116,8 +116,8 @@ def test_a_promised_lower_bound_picks_the_path_without_reading_the_gammas(monkey
     chunked scan; a promise of 1e-6 (true, but 64 x 13.8 ~ 884 past the bound) takes the doubling scan over
     the whole sequence, and never reads the gammas to find out. Both are exact."""
     lengths = []  # what the doubling scan runs over: the 4 chunk ends, or all 200 steps
-    doubling = scan._doubling_scan
-    monkeypatch.setattr(scan, "_doubling_scan", lambda a, b, h0: lengths.append(b.shape[1]) or doubling(a, b, h0))
+    doubling = scan_module._doubling_scan
+    monkeypatch.setattr(scan_module, "_doubling_scan", lambda a, b, h0: lengths.append(b.shape[1]) or doubling(a, b, h0))
     gamma, b, h0 = make(1, 200, 4, 0.5, 1.0, seed=2)
     ref, _ = sequential_scan(gamma, b, h0)
     with Reductions() as checking:
