@@ -83,10 +83,10 @@ def test_gpt_sliding_score_is_the_nll_of_each_target_once_with_its_half_window_o
     tokens = torch.from_numpy(np.random.default_rng(2).integers(0, 50, 90).astype(np.int64))
     s = score_context(model, tokens.numpy().astype(np.uint16), 32, 4, torch.device("cpu"))
     expected, scored = 0.0, []
-    for targets, start in GPT_CONTEXT_FROM:
-        for p in targets:  # each target alone, from its own context: no window arithmetic shared with the code
-            logits = model(tokens[None, start:p + 1]).logits[0, -1]
-            expected += F.cross_entropy(logits, tokens[p + 1]).item()
+    for targets, start in GPT_CONTEXT_FROM:  # no window arithmetic shared with the code
+        logits = model(tokens[None, start:targets.stop]).logits[0]  # causal: row p - start reads tokens[start:p + 1]
+        for p in targets:
+            expected += F.cross_entropy(logits[p - start], tokens[p + 1]).item()
             scored.append(p)
     assert scored == list(range(89)) and s.tokens == 89
     assert s.nll_sum == pytest.approx(expected, rel=1e-6)
