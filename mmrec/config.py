@@ -14,7 +14,8 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from mmrec.errors import UserError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from mmrec.paths import taken_by
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 PARAMS_FILE = Path("params.yaml")
 RUNG_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
@@ -88,6 +89,17 @@ class ModelParams(Section):
             raise ValueError("min_floor must not exceed max_floor")
         return self
 
+    @model_validator(mode="after")
+    def _gpt_can_be_built(self) -> "ModelParams":
+        """What GPTBlock needs besides a width that head_dim divides (checked per rung, in the ladder)."""
+        if self.arch == "gpt" and self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for arch 'gpt' (rotary positions turn "
+                             "channels in pairs)")
+        if self.arch == "gpt" and self.uboo_weight > 0:
+            raise ValueError(f"uboo_weight {self.uboo_weight} needs arch 'mmrec' (UBOO predicts the recurrent "
+                             "state); set it to 0 for 'gpt'")
+        return self
+
 
 class RungParams(Section):
     width: Annotated[int, Field(ge=8, le=8192)]
@@ -157,7 +169,7 @@ class TrainParams(Section):
 
 class EvaluateParams(Section):
     batch_size: PositiveInt = 16
-    max_tokens: Annotated[int, Field(ge=0)] = 0  # 0: every test token
+    max_tokens: Annotated[int, Field(ge=0)] = 0  # 0: every test token; else at least train.seq_len + 1
     prompts: list[str] = ["In the beginning", "And the LORD said unto Moses,"]
     sample_tokens: Annotated[int, Field(ge=1, le=4096)] = 60
     temperature: Annotated[float, Field(gt=0, le=10)] = 0.8
@@ -188,30 +200,50 @@ class Params(Section):
     tokenizer: TokenizerParams = TokenizerParams()
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
-    ladder: dict[str, RungParams] = {
+    ladder: dict[str, RungParams] = Field(default={  # validated too: the default ladder must fit the model
         "tiny": RungParams(width=128, layers=4),
         "mini": RungParams(width=256, layers=6, after="models/tiny/handoff.json", max_steps=1000, dropout=0.1,
                            ema_decay=0.995),
-    }
+    }, validate_default=True)
     evaluate: EvaluateParams = EvaluateParams()
     promote: PromoteParams = PromoteParams()
     mlflow: MlflowParams = MlflowParams()
 
     @field_validator("ladder")
     @classmethod
-    def _ladder_chains(cls, ladder: dict[str, RungParams]) -> dict[str, RungParams]:
+    def _ladder_chains(cls, ladder: dict[str, RungParams], info: ValidationInfo) -> dict[str, RungParams]:
         if not ladder:
             raise ValueError("must list at least one rung")
+        model, train = info.data.get("model"), info.data.get("train")  # absent when they failed themselves
         seen: list[str] = []
         for name, rung in ladder.items():
             if not RUNG_NAME.match(name):
                 raise ValueError(f"rung name {name!r} must match {RUNG_NAME.pattern}")
+            if train is not None and (clash := taken_by(name, train.checkpoint_dir)):
+                mine, theirs = clash
+                what = "is" if mine == theirs else f"would overlap {theirs},"
+                raise ValueError(f"rung name {name!r} is taken: the rung's {mine} {what} another stage's output; "
+                                 "rename the rung")
+            if model is not None and model.arch == "gpt" and rung.width % model.head_dim:
+                raise ValueError(f"ladder.{name}.width {rung.width} must be a multiple of model.head_dim "
+                                 f"{model.head_dim} (arch 'gpt' splits the width into heads)")
             if rung.parent is not None and rung.parent not in seen:
                 raise ValueError(f"ladder.{name}.after names {rung.parent!r}, which is not a rung above it")
             if rung.parent is not None:
                 _check_growth(name, rung, rung.parent, ladder[rung.parent])
             seen.append(name)
         return ladder
+
+    @field_validator("evaluate")
+    @classmethod
+    def _one_full_window(cls, evaluate: EvaluateParams, info: ValidationInfo) -> EvaluateParams:
+        """The test figures need one window of seq_len targets, as check_fits asks of train and val: fewer
+        score nothing (1 token) or may decode to no text at all (2 tokens: the bits per byte divide by 0)."""
+        train = info.data.get("train")
+        if train is not None and 0 < evaluate.max_tokens <= train.seq_len:
+            raise ValueError(f"max_tokens {evaluate.max_tokens} must be 0 (every test token) or at least "
+                             f"train.seq_len + 1 = {train.seq_len + 1} (one full window of scored tokens)")
+        return evaluate
 
     def rung(self, name: str) -> RungParams:
         if name not in self.ladder:

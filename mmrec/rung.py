@@ -56,7 +56,7 @@ def train_rung(params: Params, rung_name: str, root: Path = Path(".")) -> dict[s
     # threads: 0 shares the cores with every training running now (each rank counts), re-divided at each flush
     cores = CoreShare(max(1, tp.threads // group.world) if tp.threads else 0)
     cores.apply(force=True)
-    cfg = ModelConfig.from_params(params.model, rung, header["vocab_size"])
+    cfg = ModelConfig.from_params(params.model, rung, header["vocab_size"], tp.seq_len)
     budget = budget_for(params, rung_name, group.world)  # after distributed.init: the budget is all ranks'
 
     parent_best = paths.model(rung.parent) / "best.pt" if rung.parent else None

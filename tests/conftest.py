@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
-import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -90,11 +91,25 @@ def dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProce
     return run(["dvc", *args], root, check=check)
 
 
-def free_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on now (for the `mlflow server` the tests start)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+LISTENING = re.compile(r"Uvicorn running on (http://\S+)")
+
+
+def start_server(cmd: list[str], log: Path, timeout: float = 120, **popen) -> tuple[subprocess.Popen, str]:
+    """Start a server that was told to listen on port 0, and return it with the URL it reports. The kernel picks
+    the port as the server binds it, so nothing else can take it in between (as it could a port probed, closed
+    and handed over). uvicorn, behind `mlflow server` and `mlflow models serve`, logs the line once it accepts
+    requests. Output goes to `log`, whose tail a failure shows."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **popen)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if found := LISTENING.search(log.read_text()):
+            return proc, found.group(1)
+        time.sleep(0.2)
+    if proc.poll() is None:
+        kill_tree(proc.pid)
+        proc.wait()
+    raise AssertionError(f"{' '.join(cmd[:3])} did not start listening in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 
 def kill_tree(pid: int) -> None:

@@ -2,8 +2,6 @@
 import json
 import os
 import shutil
-import subprocess
-import time
 from pathlib import Path
 
 import mlflow
@@ -15,7 +13,7 @@ from mlflow.exceptions import MlflowException
 from mmrec.promote import promote_rung
 from mmrec.registry import main as registry_cli
 from mmrec.store import fluent_store, tracking_uri
-from tests.conftest import dvc, free_port, kill_tree, run, tiny_params
+from tests.conftest import dvc, kill_tree, run, start_server, tiny_params
 from tests.test_promote import plant_pickle, rung_with_checkpoint
 
 ONE_RUNG = {"ladder": {"tiny": {"width": 32, "layers": 1, "memories": 2, "after": "data/tokens"}}}
@@ -150,25 +148,15 @@ def test_mlflow_models_serve_answers_with_40_tokens_by_default_and_400_for_a_bad
     params = tiny_params(workdir)
     paths = rung_with_checkpoint(workdir, params, "tiny", 1.5)
     promote_rung(params, "tiny", workdir)
-    port, cwd = free_port(), tmp_path / "elsewhere"  # away from the repository: only the version's code imports
+    cwd = tmp_path / "elsewhere"  # away from the repository: only the version's code imports
     cwd.mkdir()
-    log = open(tmp_path / "serve.log", "w")
-    server = subprocess.Popen([shutil.which("mlflow"), "models", "serve", "-m", "models:/mmrec@champion",
-                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], cwd=cwd,
-                              env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(params.mlflow)},
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    # `-p 0` leaves mlflow's uvicorn command without --port, so uvicorn reads UVICORN_PORT: 0, any free port
+    server, url = start_server([shutil.which("mlflow"), "models", "serve", "-m", "models:/mmrec@champion",
+                                "--env-manager", "local", "-h", "127.0.0.1", "-p", "0"], tmp_path / "serve.log",
+                               cwd=cwd, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(params.mlflow),
+                                             "UVICORN_PORT": "0"})
     try:
-        deadline = time.time() + 90
-        while time.time() < deadline and server.poll() is None:
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.5)
-        else:
-            raise AssertionError((tmp_path / "serve.log").read_text()[-3000:])
-
+        assert requests.get(f"{url}/ping", timeout=10).status_code == 200
         ok = requests.post(f"{url}/invocations", json={"inputs": ["The king"]}, timeout=30)
         assert ok.status_code == 200, ok.text
         assert ok.json()["predictions"] == [local_generate(paths, "The king", 40)]
@@ -179,7 +167,6 @@ def test_mlflow_models_serve_answers_with_40_tokens_by_default_and_400_for_a_bad
     finally:
         kill_tree(server.pid)
         server.wait()
-        log.close()
 
 
 def commit(root, message):
