@@ -59,9 +59,9 @@ def setup(root, **sections):
     return params, model, gen, train, val, budget
 
 
-def run_fit(root, ckpt_dir, sink=None, resume=None, ema=0.0):
+def run_fit(root, ckpt_dir, sink=None, resume=None, ema=0.0, ramp=True):
     params, model, gen, train, val, budget = setup(root)
-    budget.ema_decay = ema
+    budget.ema_decay, budget.ema_ramp = ema, ramp
     progress = fit(model, train, val, params.train, budget, generator=gen, ckpt_dir=ckpt_dir,
                    extra={"fingerprint": "x"}, sink=sink, resume=resume)
     return progress, model
@@ -74,14 +74,14 @@ def test_same_seed_gives_bit_identical_losses(workdir):
     assert len(a.history) == 2 and a.history[-1]["val_loss"] < math.log(400)
 
 
-@pytest.mark.parametrize("ema", [0.0, 0.9])
-def test_resume_after_a_kill_ends_with_the_same_weights(workdir, ema):
-    whole, whole_model = run_fit(workdir, workdir / "whole", ema=ema)
+@pytest.mark.parametrize("ema, ramp", [(0.0, True), (0.9, True), (0.9, False)])  # no EMA, scratch's, a grown rung's
+def test_resume_after_a_kill_ends_with_the_same_weights(workdir, ema, ramp):
+    whole, whole_model = run_fit(workdir, workdir / "whole", ema=ema, ramp=ramp)
     with pytest.raises(Crash):
-        run_fit(workdir, workdir / "killed", sink=CrashAt(25), ema=ema)  # last.pt was written at step 20
+        run_fit(workdir, workdir / "killed", sink=CrashAt(25), ema=ema, ramp=ramp)  # last.pt was written at step 20
     last = checkpoint.load(workdir / "killed" / "last.pt")
     assert last["progress"]["step"] == 20
-    resumed, resumed_model = run_fit(workdir, workdir / "killed", resume=last, ema=ema)
+    resumed, resumed_model = run_fit(workdir, workdir / "killed", resume=last, ema=ema, ramp=ramp)
     assert resumed.history == whole.history
     for (name, a), b in zip(whole_model.state_dict().items(), resumed_model.state_dict().values()):
         assert torch.equal(a, b), name
@@ -90,15 +90,50 @@ def test_resume_after_a_kill_ends_with_the_same_weights(workdir, ema):
         assert torch.equal(best_whole[name], b), name
 
 
-def test_the_ema_ramps_up_from_a_random_init_and_averages_at_full_decay_after_growth():
-    for ramp, decay_at_step_2 in [(True, 2 / 11), (False, 0.9)]:
-        model = torch.nn.Linear(1, 1, bias=False)
-        torch.nn.init.constant_(model.weight, 1.0)
-        ema = ema_of(model, 0.9, ramp=ramp)
-        ema.update_parameters(model)  # the first update copies
-        torch.nn.init.constant_(model.weight, 0.0)
-        ema.update_parameters(model)
-        assert ema.module.weight.item() == pytest.approx(decay_at_step_2)
+def test_from_a_random_init_the_ema_forgets_the_init_and_ramps_up():
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.constant_(model.weight, 1.0)  # the random init
+    ema = ema_of(model, 0.9, ramp=True)
+    torch.nn.init.constant_(model.weight, 0.5)  # after step 1
+    ema.update_parameters(model)
+    assert ema.module.weight.item() == 0.5  # the init does not linger
+    torch.nn.init.constant_(model.weight, 0.0)
+    ema.update_parameters(model)
+    assert ema.module.weight.item() == pytest.approx(2 / 11 * 0.5)  # decay (1 + 1) / (10 + 1), not yet 0.9
+
+
+def test_a_grown_rungs_ema_starts_at_the_grown_weights_and_averages_at_full_decay():
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.constant_(model.weight, 1.0)  # the grown weights
+    ema = ema_of(model, 0.9, ramp=False)
+    assert ema.module.weight.item() == 1.0  # before step 1
+    torch.nn.init.constant_(model.weight, 0.0)  # after step 1
+    ema.update_parameters(model)
+    assert ema.module.weight.item() == pytest.approx(0.9)  # 0.9 x grown + 0.1 x step 1's
+
+
+def test_after_its_first_step_a_grown_rung_keeps_decay_x_grown_plus_the_rest_x_the_trained_weights(workdir):
+    from mmrec.growth import grow_state_dict
+
+    params = tiny_params(workdir, train={"max_steps": 1, "eval_every": 1}, ladder={
+        "tiny": {"width": 32, "layers": 1, "memories": 2, "after": "data/tokens"},
+        "mini": {"width": 64, "layers": 2, "memories": 2, "after": "models/tiny/handoff.json", "ema_decay": 0.9}})
+    torch.set_num_threads(1)
+    parent_cfg = ModelConfig.from_params(params.model, params.rung("tiny"), 400)
+    cfg = ModelConfig.from_params(params.model, params.rung("mini"), 400)
+    gen = seed_everything(params.seed)
+    model = build_model(cfg)
+    model.load_state_dict(grow_state_dict(build_model(parent_cfg).state_dict(), parent_cfg, cfg, noise=0.0,
+                                          generator=torch.Generator().manual_seed(0), split=0.5))
+    grown = {k: v.clone() for k, v in model.state_dict().items()}
+    budget = budget_for(params, "mini")
+    assert (budget.ema_decay, budget.ema_ramp, budget.steps) == (0.9, False, 1)
+    train, val = load_tokens(workdir / "data/tokens", "train"), load_tokens(workdir / "data/tokens", "val")
+    fit(model, train, val, params.train, budget, generator=gen, ckpt_dir=workdir / "g", extra={})
+    kept = checkpoint.load(workdir / "g" / "best.pt")["model"]  # the average, evaluated after step 1
+    for name, trained in model.state_dict().items():
+        if trained.is_floating_point() and not torch.equal(trained, grown[name]):
+            assert torch.allclose(kept[name], 0.9 * grown[name] + 0.1 * trained, rtol=1e-5, atol=1e-7), name
 
 
 def test_with_an_ema_the_kept_weights_are_the_average_and_the_trained_ones_are_logged_beside(workdir):
