@@ -154,7 +154,7 @@ def fit(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, tp: TrainPar
     tokens_per_step = tp.batch_size * tp.seq_len * tp.grad_accum * group.world
     # MFU: the model's training FLOPs over what all ranks' devices could do in the same time.
     step_flops = flops_per_token(model.cfg, count_params(model), tp.seq_len) * tokens_per_step
-    peak = peak_flops(device.type, device.index)[0] * group.world
+    peak = peak_flops(device.type, device.index)[0] * group.world  # moves with the thread count: see flush
 
     def save(name: str, with_optimizer: bool) -> None:
         rng = rng_state(device, generator, group) if with_optimizer else None  # collective: every rank calls it
@@ -168,6 +168,13 @@ def fit(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, tp: TrainPar
             if ema is not None:
                 state["ema"] = ema.state_dict()
         checkpoint.save_atomic(state, ckpt_dir / name)
+
+    def flush() -> None:
+        nonlocal peak, clock
+        sink.flush()  # under threads: 0 this re-divides the cores, which moves the CPU's peak
+        probe = time.perf_counter()
+        peak = peak_flops(device.type, device.index)[0] * group.world  # probed once per thread count
+        clock += time.perf_counter() - probe  # a probe is not training time
 
     bar = tqdm(total=budget.steps, initial=progress.step, desc="train", unit="step", dynamic_ncols=True,
                disable=not group.main)
@@ -228,7 +235,7 @@ def fit(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, tp: TrainPar
                 sink.log(progress.step, **{"loss/train_uboo": aux_sum,
                                            "loss/train_ce": loss_sum - model.cfg.uboo_weight * aux_sum})
             if progress.step % tp.log_every == 0:
-                sink.flush()
+                flush()
         if progress.step % tp.eval_every == 0 or progress.step == budget.steps:
             vl = val_loss(model if ema is None else ema.module, val, starts, tp, device)
             row = {"step": progress.step, "train_loss": float(np.mean(train_losses)), "val_loss": vl, "lr": lr}
@@ -250,7 +257,7 @@ def fit(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, tp: TrainPar
                 sink.log(progress.step, **{"loss/val": vl})
                 if ema is not None:
                     sink.log(progress.step, **{"loss/val_raw": row["val_loss_raw"]})
-                sink.flush()
+                flush()
             clock = time.perf_counter()  # evaluation time is not training throughput
         warming_up = False
     bar.close()

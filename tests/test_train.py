@@ -8,7 +8,7 @@ import torch
 from mlflow import MlflowClient
 
 import mmrec.train as train_module
-from mmrec import checkpoint, distributed
+from mmrec import checkpoint, distributed, perf
 from mmrec.data import fixed_starts
 from mmrec.ema import ema_of
 from mmrec.model import ModelConfig, ModelOutput, build_model
@@ -310,9 +310,51 @@ def test_peak_flops_from_the_table_for_a_known_gpu_or_a_probe(monkeypatch):
     assert flops > 1e8 and "probe" in source
     for name, expected in [("NVIDIA H200", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA A100-SXM4-80GB", 312e12)]:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None, n=name: n)  # a stand-in GPU
-        peak_flops.cache_clear()
+        perf.device_peak.cache_clear()
         assert peak_flops("cuda", 0) == (expected, f"table: {name}")
-    peak_flops.cache_clear()
+    perf.device_peak.cache_clear()
+
+
+def test_the_cpu_peak_follows_the_thread_count_probed_once_for_each(monkeypatch):
+    """train.threads: 0 moves the thread count during a run; MFU must divide by what that many threads can do."""
+    probes = []
+    real = perf.matmul_probe
+    monkeypatch.setattr(perf, "matmul_probe", lambda device: probes.append(torch.get_num_threads()) or real(device))
+    perf.device_peak.cache_clear()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = peak_flops("cpu")
+        torch.set_num_threads(2)
+        two = peak_flops("cpu")
+        torch.set_num_threads(1)
+        assert peak_flops("cpu") == one  # cached, not probed again
+    finally:
+        torch.set_num_threads(before)
+        perf.device_peak.cache_clear()
+    assert probes == [1, 2]
+    assert one[1].endswith("1 thread") and two[1].endswith("2 threads")
+
+
+def test_mfu_divides_by_the_peak_of_the_threads_the_step_ran_on(workdir, monkeypatch):
+    class Regroup(Recorder):  # SharingSink under threads: 0 re-divides the cores at a flush
+        def flush(self):
+            torch.set_num_threads(2 if self.metrics["opt/lr"][-1][0] >= 4 else 1)
+
+    seen = []
+    monkeypatch.setattr(train_module, "peak_flops", lambda device_type, index=None: (
+        seen.append(torch.get_num_threads()) or (1e9 * torch.get_num_threads(), "stand-in")))
+    params, model, gen, train, val, budget = setup(workdir, train={"max_steps": 8, "log_every": 2})
+    sink = Regroup()
+    try:
+        fit(model, train, val, params.train, budget, generator=gen, ckpt_dir=workdir / "c", extra={}, sink=sink)
+    finally:
+        torch.set_num_threads(1)
+    assert 1 in seen and 2 in seen
+    step_flops = {}  # tokens/s x MFU x peak is the step's FLOPs: the same every step, whatever the peak
+    for (step, tok_s), (_, mfu) in zip(sink.metrics["perf/tokens_per_s"], sink.metrics["perf/mfu"]):
+        step_flops[step] = mfu * 1e9 * (2 if step > 4 else 1) / tok_s
+    assert max(step_flops.values()) == pytest.approx(min(step_flops.values()))
 
 
 def test_mfu_is_logged_and_compile_time_is_kept_out_of_tokens_per_s(workdir, monkeypatch):
