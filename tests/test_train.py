@@ -1,10 +1,16 @@
 import io
 import json
 import math
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from mlflow import MlflowClient
 
 import mmrec.train as train_module
@@ -18,7 +24,7 @@ from mmrec.schedule import Budget, budget_for, lr_at
 from mmrec.tokenizer import load_tokens
 from mmrec.train import (TrainingDiverged, fit, forward_backward, restore_rng, rng_state, seed_everything, use_compile,
                          val_loss)
-from tests.conftest import tiny_params
+from tests.conftest import REPO, TINY_PARAMS, deep_merge, tiny_params
 
 
 def test_lr_warms_up_then_decays_to_min_lr():
@@ -367,3 +373,35 @@ def test_mfu_is_logged_and_compile_time_is_kept_out_of_tokens_per_s(workdir, mon
     assert [s for s, _ in sink.metrics["perf/tokens_per_s"]] == [2, 3, 4, 5, 6]
     assert [s for s, _ in sink.metrics["perf/mfu"]] == [2, 3, 4, 5, 6]
     assert all(0 < v < 1 for _, v in sink.metrics["perf/mfu"])
+
+
+def interrupt_after_first_checkpoint(root, timeout=180) -> str:
+    """Run the train stage of `root`'s own code copy and press Ctrl-C once last.pt exists; returns its stderr."""
+    proc = subprocess.Popen([sys.executable, "stages/train.py", "tiny"], cwd=root, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while not (root / "checkpoints/tiny/last.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    return err
+
+
+def test_a_code_change_restarts_an_interrupted_rung_from_step_0_and_says_why(workdir):
+    for name in ("mmrec", "stages"):  # a project of its own, whose code the test may edit
+        shutil.copytree(REPO / name, workdir / name, ignore=shutil.ignore_patterns("__pycache__"))
+    params = deep_merge(TINY_PARAMS, {"train": {"max_steps": 100, "eval_every": 10}})
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    interrupt_after_first_checkpoint(workdir)
+    killed_run = checkpoint.load(workdir / "checkpoints/tiny/last.pt")["run_id"]
+
+    with open(workdir / "mmrec/model.py", "a") as f:
+        f.write("# an edit of the model's code\n")
+    rerun = subprocess.run([sys.executable, "stages/train.py", "tiny"], cwd=workdir, capture_output=True,
+                           text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming from step" not in rerun.stdout
+    [line] = [line for line in rerun.stdout.splitlines() if line.startswith("not resuming")]
+    assert "mmrec/model.py changed" in line and line.endswith("training from step 0")
+    assert json.loads((workdir / "models/tiny/run.json").read_text())["run_id"] != killed_run  # a new run
