@@ -33,13 +33,14 @@ def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
 
 
 def closure(script: Path, package: Path = PACKAGE) -> set[str]:
-    """Every mmrec module `script` needs, following imports through the package."""
-    graph, todo, seen = import_graph(package), set(project_imports(script)), set()
+    """Every mmrec module `script` needs, following imports through the package (reading only those)."""
+    todo, seen = set(project_imports(script)), set()
     while todo:
         module = todo.pop()
         if module not in seen:
             seen.add(module)
-            todo |= graph.get(module, set())
+            path = package / f"{module}.py"
+            todo |= project_imports(path) if path.exists() else set()
     return seen
 
 
