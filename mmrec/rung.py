@@ -103,7 +103,7 @@ def train_rung(params: Params, rung_name: str, root: Path = Path(".")) -> dict[s
         parent_losses = {k: resume[k] for k in ("parent_val_loss", "grown_val_loss") if k in resume}
 
     run = None
-    if group.main:
+    if group.main:  # a failure inside it ends the run it opened, as below
         run = open_run(params, paths, cfg, header, fp, resume, budget, count_params(model), parent_losses)
     extra = {"config": cfg.to_dict(), "fingerprint": fp, "fingerprint_inputs": inputs, "run_id": run.id if run else "",
              "tokenizer_sha256": header["tokenizer_sha256"], "rung": rung_name, **parent_losses}
@@ -183,10 +183,11 @@ def open_run(params: Params, paths: RungPaths, cfg: ModelConfig, header: dict[st
     else:
         track.close_abandoned(params.mlflow, rung_name)  # runs of killed attempts that never checkpointed
         run = pipeline_run.start_rung_run(params, rung_name, tags, paths.root)
-    run.log_params(params.flat() | {"n_params": n_params, "budget.steps": budget.steps, "budget.lr": budget.lr})
-    if parent_losses:
-        run.log(0, **{f"growth/{k}": v for k, v in parent_losses.items()})
-        run.flush()
+    with track.closed_on_failure(run):  # a store fault or Ctrl-C from here on must not leave it RUNNING
+        run.log_params(params.flat() | {"n_params": n_params, "budget.steps": budget.steps, "budget.lr": budget.lr})
+        if parent_losses:
+            run.log(0, **{f"growth/{k}": v for k, v in parent_losses.items()})
+            run.flush()
     return run
 
 

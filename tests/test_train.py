@@ -14,13 +14,14 @@ import yaml
 from mlflow import MlflowClient
 
 import mmrec.train as train_module
-from mmrec import checkpoint, distributed, perf
+from mmrec import checkpoint, distributed, perf, track
 from mmrec.data import fixed_starts
 from mmrec.ema import ema_of
 from mmrec.model import ModelConfig, ModelOutput, build_model
 from mmrec.perf import peak_flops
 from mmrec.rung import train_rung
 from mmrec.schedule import Budget, budget_for, lr_at
+from mmrec.store import StoreError
 from mmrec.tokenizer import load_tokens
 from mmrec.train import (TrainingDiverged, fit, forward_backward, restore_rng, rng_state, seed_everything, use_compile,
                          val_loss)
@@ -212,6 +213,23 @@ def test_train_rung_logs_params_metrics_and_artifacts_to_mlflow(workdir):
     best = checkpoint.load(workdir / "models/tiny/best.pt")
     assert best["progress"]["best_step"] == saved["best_step"]
     assert not (workdir / "checkpoints" / "tiny").exists()  # finished runs leave nothing to resume
+
+
+@pytest.mark.parametrize("fault, status", [(StoreError("the store failed"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
+def test_a_failure_right_after_the_run_is_opened_does_not_leave_it_running(workdir, monkeypatch, fault, status):
+    log_params = track.Run.log_params
+
+    def fail(self, flat):  # the rung run's first write after it started (its pipeline's parent run logs first)
+        if "n_params" in flat:
+            raise fault
+        log_params(self, flat)
+
+    monkeypatch.setattr(track.Run, "log_params", fail)
+    with pytest.raises(type(fault)):
+        train_rung(tiny_params(workdir), "tiny", workdir)
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("mmrec").experiment_id], "tags.kind = 'rung'")
+    assert run.info.status == status
 
 
 def test_uboo_loss_is_logged_apart_from_the_cross_entropy(workdir):
