@@ -19,14 +19,14 @@ from mmrec.config import Params
 from mmrec.cores import CoreShare
 from mmrec.data import check_fits, fixed_starts
 from mmrec.device import resolve_device
-from mmrec.errors import UserError
+from mmrec.errors import Interrupted, UserError
 from mmrec.files import dvc_fix, sha256_file, sha256_text
 from mmrec.model import ModelConfig, build_model, count_params
 from mmrec.outputs import write_outputs
 from mmrec.paths import RungPaths
 from mmrec.schedule import Budget, budget_for
 from mmrec.sources import source_digests
-from mmrec.train import SharingSink, fit, seed_everything, val_loss
+from mmrec.train import SharingSink, Stopped, fit, seed_everything, val_loss
 
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "stages" / "train.py"
@@ -113,6 +113,8 @@ def train_rung(params: Params, rung_name: str, root: Path = Path(".")) -> dict[s
         try:
             progress = fit(model, train_tokens, val_tokens, tp, budget, generator=generator, ckpt_dir=paths.ckpt,
                            extra=extra, sink=SharingSink(run, cores), resume=resume, device=device, group=group)
+        except Stopped as stop:  # every rank stopped at the same step: each says so in one line
+            raise Interrupted(interrupted_line(stop, rung_name, group, paths.root)) from None
         finally:
             cores.close()
             distributed.shutdown(group)
@@ -124,6 +126,15 @@ def train_rung(params: Params, rung_name: str, root: Path = Path(".")) -> dict[s
         metrics = write_outputs(paths, run, progress, cfg, count_params(model), params)
     shutil.rmtree(paths.ckpt)  # finished: a forced rerun starts from scratch rather than resuming the end
     return metrics
+
+
+def interrupted_line(stop: Stopped, rung_name: str, group: distributed.Group, root: Path) -> str:
+    """Where Ctrl-C stopped the rung and what the next command will do with its checkpoint."""
+    if not group.main:
+        return f"{stop} (rank {group.rank} of {group.world}; rank 0 saved it)"
+    from mmrec.rerun import after_interrupt
+
+    return f"{stop}, saved in {stop.last}; {after_interrupt(f'train@{rung_name}', stop.step, stop.last, root)}"
 
 
 def resume_point(ckpt_dir: Path, inputs: dict[str, Any], group: distributed.Group) -> dict[str, Any] | None:

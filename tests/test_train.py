@@ -1,6 +1,7 @@
 import io
 import json
 import math
+import os
 import shutil
 import signal
 import subprocess
@@ -12,11 +13,13 @@ import pytest
 import torch
 import yaml
 from mlflow import MlflowClient
+from tqdm import tqdm
 
 import mmrec.train as train_module
 from mmrec import checkpoint, distributed, perf, track
 from mmrec.data import fixed_starts
 from mmrec.ema import ema_of
+from mmrec.errors import Interrupted
 from mmrec.model import ModelConfig, ModelOutput, build_model
 from mmrec.perf import peak_flops
 from mmrec.rung import train_rung
@@ -168,6 +171,45 @@ def test_with_an_ema_the_kept_weights_are_the_average_and_the_trained_ones_are_l
     assert last["val_loss_raw"] != last["val_loss"]
     assert sink.metrics[("loss/val_raw", last["step"])] == last["val_loss_raw"]
     assert "ema" in checkpoint.load(workdir / "e" / "last.pt")
+
+
+class CtrlCAt:
+    """A metric sink that presses Ctrl-C during a given step (the loop logs each step before it is over)."""
+
+    def __init__(self, step: int):
+        self.at, self.pressed = step, False
+
+    def log(self, step: int, **metrics: float) -> None:
+        if step == self.at and not self.pressed:
+            self.pressed = True
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_ctrl_c_saves_the_step_it_stopped_at_and_the_resumed_run_ends_the_same(workdir):
+    whole, whole_model = run_fit(workdir, workdir / "whole", ema=0.9)
+    with pytest.raises(Interrupted, match="interrupted at step 25"):
+        run_fit(workdir, workdir / "stopped", sink=CtrlCAt(25), ema=0.9)  # between evaluations (20 and 40)
+    last = checkpoint.load(workdir / "stopped" / "last.pt")
+    assert last["progress"]["step"] == 25
+    resumed, resumed_model = run_fit(workdir, workdir / "stopped", resume=last, ema=0.9)
+    assert resumed.history == whole.history  # the train loss of steps 21-25 counts in step 40's row
+    for (name, a), b in zip(whole_model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_ctrl_c_in_the_last_step_is_not_swallowed_and_the_handler_and_bar_are_restored(workdir):
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(Interrupted, match="interrupted at step 40"):  # the last step, then the final evaluation
+        run_fit(workdir, workdir / "c", sink=CtrlCAt(40))
+    assert signal.getsignal(signal.SIGINT) is before
+    assert not getattr(tqdm, "_instances", None)  # the progress bar was closed
+    assert checkpoint.load(workdir / "c" / "last.pt")["progress"]["step"] == 40
+    with pytest.raises(Crash):  # a failure, not a Ctrl-C: the handler comes back all the same
+        run_fit(workdir, workdir / "d", sink=CrashAt(3))
+    assert signal.getsignal(signal.SIGINT) is before and not getattr(tqdm, "_instances", None)
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(workdir):
