@@ -1,7 +1,7 @@
 """Data-parallel plumbing: the few collective calls the training loop needs, no-ops in one process.
 
-`torchrun --nproc_per_node N stages/train.py <rung>` (or `train.nproc: N`, which re-launches the stage
-under torchrun) sets RANK/WORLD_SIZE/LOCAL_RANK; gloo carries CPU runs, nccl GPU runs.
+`torchrun --nproc_per_node N stages/train.py <rung>` (or `train.nproc: N`, which runs the stage again under
+torchrun, see `launch`) sets RANK/WORLD_SIZE/LOCAL_RANK; gloo carries CPU runs, nccl GPU runs.
 """
 from __future__ import annotations
 
@@ -29,6 +29,25 @@ def launched() -> bool:
     return "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def launch(nproc: int, script: str, args: list[str]) -> int:
+    """Run `script args` as `nproc` processes under torchrun, started from this process, and return the exit
+    code to leave with. Ctrl-C reaches torchrun, which forwards it to every rank (each in a session of its
+    own): the ranks stop at the same step and each says so in one line, then this process returns 130
+    without a traceback of torchrun's. A failed rank said why in its own line: its exit code is returned."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(["--standalone", f"--nproc_per_node={nproc}", script, *args]))
+    except SignalException as stop:  # Ctrl-C or a kill of this process: every rank was sent the same signal
+        return 128 + stop.sigval
+    except ChildFailedError as failed:
+        code = failed.get_first_failure()[1].exitcode
+        return code if code > 0 else 128 - code  # a rank killed by signal N: 128 + N, as a shell says
+    return 0
+
+
 def init(device_type: str) -> Group:
     if not launched():
         return Group()
@@ -45,6 +64,16 @@ def mean(value: float, group: Group) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t.item()) / group.world
+
+
+def any_rank(flag: bool, group: Group) -> bool:
+    """True on every rank when `flag` is true on any: one decision (stop on Ctrl-C) that no rank takes alone."""
+    if group.world == 1:
+        return flag
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def gather(obj: Any, group: Group) -> list[Any]:

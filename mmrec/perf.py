@@ -13,20 +13,27 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "GH200":
                    "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
 
 
-@functools.cache
 def peak_flops(device_type: str, index: int | None = None) -> tuple[float, str]:
     """The device's peak FLOP/s for MFU and where the figure comes from: the table above for a known GPU
-    (bf16, the dtype training runs in there), else a matmul measured once (fp32 on the CPU, at the
-    current thread count), which is what the CPU can reach rather than a datasheet figure."""
+    (bf16, the dtype training runs in there), else a matmul measured (fp32 on the CPU), which is what the
+    device can reach rather than a datasheet figure. On the CPU that depends on the thread count, which
+    `train.threads: 0` moves during a run: it is probed once for each thread count."""
+    return device_peak(device_type, index, torch.get_num_threads() if device_type == "cpu" else 0)
+
+
+@functools.cache
+def device_peak(device_type: str, index: int | None, threads: int) -> tuple[float, str]:
+    """peak_flops, cached: `threads` (0 off the CPU) is part of the key, the probe runs at the current count."""
     if device_type == "cuda":
         name = torch.cuda.get_device_name(index)
         for key, flops in PEAK_BF16_FLOPS.items():  # ordered: "H100 PCIe" before "H100"
             if key in name:
                 return flops, f"table: {name}"
-    return _matmul_probe(torch.device(device_type, index) if index is not None else torch.device(device_type))
+    flops, source = matmul_probe(torch.device(device_type, index) if index is not None else torch.device(device_type))
+    return flops, source + (f", {threads} thread{'s' * (threads > 1)}" if threads else "")
 
 
-def _matmul_probe(device: torch.device, n: int = 512, reps: int = 8) -> tuple[float, str]:
+def matmul_probe(device: torch.device, n: int = 512, reps: int = 8) -> tuple[float, str]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     g = torch.Generator(device).manual_seed(0)  # its own stream: drawing from torch's would shift dropout's
     a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=g) for _ in range(2))

@@ -1,7 +1,7 @@
 """Training one rung of the ladder end to end: resume or start, grow from the parent, track, write the outputs.
 
 `train_rung` is what `stages/train.py` calls. A killed run resumes from checkpoints/<rung>/last.pt when its
-fingerprint matches the current params, data and parent (see `fingerprint`), in the same MLflow run.
+fingerprint matches the current params, data, parent and code (see `fingerprint_inputs`), in the same MLflow run.
 """
 from __future__ import annotations
 
@@ -19,22 +19,49 @@ from mmrec.config import Params
 from mmrec.cores import CoreShare
 from mmrec.data import check_fits, fixed_starts
 from mmrec.device import resolve_device
-from mmrec.errors import UserError
+from mmrec.errors import Interrupted, UserError
 from mmrec.files import dvc_fix, sha256_file, sha256_text
 from mmrec.model import ModelConfig, build_model, count_params
 from mmrec.outputs import write_outputs
 from mmrec.paths import RungPaths
 from mmrec.schedule import Budget, budget_for
-from mmrec.train import SharingSink, fit, seed_everything, val_loss
+from mmrec.sources import source_digests
+from mmrec.train import SharingSink, Stopped, fit, seed_everything, val_loss
 
 
-def fingerprint(params: Params, rung_name: str, header: dict[str, Any], parent_sha: str) -> str:
-    """Equal for runs that must produce equal weights: resume only from a checkpoint with this value."""
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "stages" / "train.py"
+
+
+def fingerprint_inputs(params: Params, rung_name: str, header: dict[str, Any], parent_sha: str) -> dict[str, Any]:
+    """What a rung's weights are a function of: the params that train it, the data and tokenizer, the parent's
+    checkpoint and the code the train stage runs (its import closure, see mmrec/sources.py)."""
     p = params.model_dump()
-    picked = {"seed": p["seed"], "model": p["model"], "train": p["train"], "rung": p["ladder"][rung_name],
-              "growth_noise": p["promote"]["growth_noise"], "tokenizer": header["tokenizer_sha256"],
-              "data": header.get("data_sha256", ""), "parent": parent_sha}
-    return sha256_text(json.dumps(picked, sort_keys=True))
+    return {"params": {"seed": p["seed"], "model": p["model"], "train": p["train"], "rung": p["ladder"][rung_name],
+                       "growth_noise": p["promote"]["growth_noise"]},
+            "tokenizer": header["tokenizer_sha256"], "data": header.get("data_sha256", ""), "parent": parent_sha,
+            "code": source_digests(TRAIN_SCRIPT if TRAIN_SCRIPT.exists() else Path(__file__))}
+
+
+def fingerprint(inputs: dict[str, Any]) -> str:
+    """Equal for runs that must produce equal weights: resume only from a checkpoint with this value."""
+    return sha256_text(json.dumps(inputs, sort_keys=True))
+
+
+def what_changed(before: dict[str, Any] | None, now: dict[str, Any]) -> str:
+    """The inputs of a stale checkpoint that differ now, for one line: 'mmrec/model.py', 'params (train)'."""
+    if not isinstance(before, dict):  # written before checkpoints kept their inputs
+        return "its params, data, parent or code"
+    changed = []
+    for key, value in now.items():
+        old = before.get(key)
+        if old == value:
+            continue
+        if key in ("params", "code") and isinstance(old, dict):
+            parts = sorted(k for k in old.keys() | value.keys() if old.get(k) != value.get(k))
+            changed.append(f"params ({', '.join(parts)})" if key == "params" else ", ".join(parts))
+        else:
+            changed.append({"parent": "the parent's checkpoint"}.get(key, f"the {key}"))
+    return ", ".join(changed)
 
 
 def train_rung(params: Params, rung_name: str, root: Path = Path(".")) -> dict[str, Any] | None:
@@ -63,8 +90,9 @@ def train_rung(params: Params, rung_name: str, root: Path = Path(".")) -> dict[s
     if parent_best is not None and not parent_best.exists():
         raise UserError(f"rung {rung_name} grows from {rung.parent}, but {parent_best} is missing; "
                         f"run `dvc repro promote@{rung.parent}`")
-    fp = fingerprint(params, rung_name, header, sha256_file(parent_best) if parent_best else "")
-    resume = resume_point(paths.ckpt, fp, group)
+    inputs = fingerprint_inputs(params, rung_name, header, sha256_file(parent_best) if parent_best else "")
+    fp = fingerprint(inputs)
+    resume = resume_point(paths.ckpt, inputs, group)
 
     generator = seed_everything(params.seed, group.rank)
     model = build_model(cfg).to(device)
@@ -75,9 +103,9 @@ def train_rung(params: Params, rung_name: str, root: Path = Path(".")) -> dict[s
         parent_losses = {k: resume[k] for k in ("parent_val_loss", "grown_val_loss") if k in resume}
 
     run = None
-    if group.main:
+    if group.main:  # a failure inside it ends the run it opened, as below
         run = open_run(params, paths, cfg, header, fp, resume, budget, count_params(model), parent_losses)
-    extra = {"config": cfg.to_dict(), "fingerprint": fp, "run_id": run.id if run else "",
+    extra = {"config": cfg.to_dict(), "fingerprint": fp, "fingerprint_inputs": inputs, "run_id": run.id if run else "",
              "tokenizer_sha256": header["tokenizer_sha256"], "rung": rung_name, **parent_losses}
     from mmrec.track import closed_on_failure
 
@@ -85,6 +113,8 @@ def train_rung(params: Params, rung_name: str, root: Path = Path(".")) -> dict[s
         try:
             progress = fit(model, train_tokens, val_tokens, tp, budget, generator=generator, ckpt_dir=paths.ckpt,
                            extra=extra, sink=SharingSink(run, cores), resume=resume, device=device, group=group)
+        except Stopped as stop:  # every rank stopped at the same step: each says so in one line
+            raise Interrupted(interrupted_line(stop, rung_name, group, paths.root)) from None
         finally:
             cores.close()
             distributed.shutdown(group)
@@ -98,18 +128,29 @@ def train_rung(params: Params, rung_name: str, root: Path = Path(".")) -> dict[s
     return metrics
 
 
-def resume_point(ckpt_dir: Path, fp: str, group: distributed.Group) -> dict[str, Any] | None:
-    """last.pt when it was made with these very params, data and parent; a stale one is deleted."""
+def interrupted_line(stop: Stopped, rung_name: str, group: distributed.Group, root: Path) -> str:
+    """Where Ctrl-C stopped the rung and what the next command will do with its checkpoint."""
+    if not group.main:
+        return f"{stop} (rank {group.rank} of {group.world}; rank 0 saved it)"
+    from mmrec.rerun import after_interrupt
+
+    return f"{stop}, saved in {stop.last}; {after_interrupt(f'train@{rung_name}', stop.step, stop.last, root)}"
+
+
+def resume_point(ckpt_dir: Path, inputs: dict[str, Any], group: distributed.Group) -> dict[str, Any] | None:
+    """last.pt when it was made with these very params, data, parent and code; a stale one is deleted, saying why."""
     last = ckpt_dir / "last.pt"
     fix = f"delete {ckpt_dir} to train this rung from step 0"
     state = checkpoint.load(last, fix, keys=("model", "progress", "fingerprint")) if last.exists() else None
     distributed.barrier(group)  # every rank has read it before rank 0 may delete it
-    if state is not None and state.get("fingerprint") == fp:
+    if state is not None and state.get("fingerprint") == fingerprint(inputs):
         if group.main:
             tqdm.write(f"resuming from step {state['progress']['step']} ({last})")
         return state
-    if state is not None and group.main:
-        shutil.rmtree(ckpt_dir)  # params or data changed: that run's state means nothing now
+    if state is not None and group.main:  # that run's state means nothing now
+        tqdm.write(f"not resuming {last} from step {state['progress']['step']}: "
+                   f"{what_changed(state.get('fingerprint_inputs'), inputs)} changed since; training from step 0")
+        shutil.rmtree(ckpt_dir)
     return None
 
 
@@ -153,10 +194,11 @@ def open_run(params: Params, paths: RungPaths, cfg: ModelConfig, header: dict[st
     else:
         track.close_abandoned(params.mlflow, rung_name)  # runs of killed attempts that never checkpointed
         run = pipeline_run.start_rung_run(params, rung_name, tags, paths.root)
-    run.log_params(params.flat() | {"n_params": n_params, "budget.steps": budget.steps, "budget.lr": budget.lr})
-    if parent_losses:
-        run.log(0, **{f"growth/{k}": v for k, v in parent_losses.items()})
-        run.flush()
+    with track.closed_on_failure(run):  # a store fault or Ctrl-C from here on must not leave it RUNNING
+        run.log_params(params.flat() | {"n_params": n_params, "budget.steps": budget.steps, "budget.lr": budget.lr})
+        if parent_losses:
+            run.log(0, **{f"growth/{k}": v for k, v in parent_losses.items()})
+            run.flush()
     return run
 
 

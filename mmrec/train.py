@@ -60,6 +60,14 @@ class TrainingDiverged(UserError):
     """The loss turned NaN or infinite; last.pt still holds the last good state."""
 
 
+class Stopped(Interrupted):
+    """Ctrl-C, honoured at a step boundary that every rank agreed on; last.pt holds that step."""
+
+    def __init__(self, step: int, last: Path):
+        super().__init__(f"interrupted at step {step}")
+        self.step, self.last = step, last
+
+
 @dataclass
 class Progress:
     """Everything besides tensors that a resumed run needs; stored in last.pt as plain types."""
@@ -71,6 +79,7 @@ class Progress:
     history: list[dict[str, float]] = field(default_factory=list)  # one row per evaluation
     stopped_early: bool = False
     skipped_steps: int = 0  # updates dropped because the gradient norm was not finite
+    train_losses: list[float] = field(default_factory=list)  # since the last evaluation, for its row
 
 
 def seed_everything(seed: int, rank: int = 0) -> torch.Generator:
@@ -154,7 +163,7 @@ def fit(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, tp: TrainPar
     tokens_per_step = tp.batch_size * tp.seq_len * tp.grad_accum * group.world
     # MFU: the model's training FLOPs over what all ranks' devices could do in the same time.
     step_flops = flops_per_token(model.cfg, count_params(model), tp.seq_len) * tokens_per_step
-    peak = peak_flops(device.type, device.index)[0] * group.world
+    peak = peak_flops(device.type, device.index)[0] * group.world  # moves with the thread count: see flush
 
     def save(name: str, with_optimizer: bool) -> None:
         rng = rng_state(device, generator, group) if with_optimizer else None  # collective: every rank calls it
@@ -169,98 +178,113 @@ def fit(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, tp: TrainPar
                 state["ema"] = ema.state_dict()
         checkpoint.save_atomic(state, ckpt_dir / name)
 
+    def flush() -> None:
+        nonlocal peak, clock
+        sink.flush()  # under threads: 0 this re-divides the cores, which moves the CPU's peak
+        probe = time.perf_counter()
+        peak = peak_flops(device.type, device.index)[0] * group.world  # probed once per thread count
+        clock += time.perf_counter() - probe  # a probe is not training time
+
     bar = tqdm(total=budget.steps, initial=progress.step, desc="train", unit="step", dynamic_ncols=True,
                disable=not group.main)
     stop = StopRequest.install()
-    train_losses: list[float] = []
     warming_up = compiled  # the first compiled step includes the compilation: timed apart, once
+    saved_at = progress.step if resume is not None else -1  # the step that last.pt holds
     clock = time.perf_counter()
-    while progress.step < budget.steps and not progress.stopped_early:
-        if stop.requested:  # Ctrl-C, honoured between steps: no store call or file write is cut in half
-            saved = progress.history[-1]["step"] if progress.history else 0
-            raise Interrupted(f"interrupted at step {progress.step}; `dvc repro` resumes from step {saved} "
-                              f"({ckpt_dir / 'last.pt'})")
-        lr = lr_at(progress.step, budget, min(tp.min_lr, budget.lr))
-        for param_group in optimizer.param_groups:
-            param_group["lr"] = lr
-        model.train()
-        loss_sum, aux_sum = 0.0, 0.0  # aux: UBOO's loss, logged apart from the cross-entropy
-        for micro in range(tp.grad_accum):
-            x, y = random_batch(train, tp.batch_size, tp.seq_len, generator)
-            sync = micro == tp.grad_accum - 1 or group.world == 1  # DDP all-reduces on the last micro-batch only
-            with contextlib.nullcontext() if sync else wrapped.no_sync():
-                out = forward_backward(step_fn, x.to(device), y.to(device), 1 / tp.grad_accum, autocast(device))
-            loss_sum += out.loss.item() / tp.grad_accum
-            aux_sum += out.aux.item() / tp.grad_accum if out.aux is not None else 0.0
-        loss_sum = distributed.mean(loss_sum, group)
-        aux_sum = distributed.mean(aux_sum, group) if out.aux is not None else None
-        if not math.isfinite(loss_sum):
-            bar.close()
-            raise TrainingDiverged(
-                f"loss became {loss_sum} at step {progress.step} (lr {lr:.2e}); the last good checkpoint is "
-                f"{ckpt_dir / 'last.pt'} (step {progress.history[-1]['step'] if progress.history else 0}); "
-                "lower train.lr or raise train.warmup_steps")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                         tp.grad_clip if tp.grad_clip > 0 else math.inf))
-        if math.isfinite(grad_norm):  # DDP averaged the gradients first, so every rank agrees
-            optimizer.step()
-            if ema is not None:
-                ema.update_parameters(model)
-        else:  # a finite loss with an inf/NaN gradient: clipping would spread the NaN into every weight
-            progress.skipped_steps += 1
-        optimizer.zero_grad(set_to_none=True)
-        progress.step += 1
-        progress.tokens += tokens_per_step
-        train_losses.append(loss_sum)
-        elapsed = time.perf_counter() - clock
-        tok_s = tokens_per_step / max(elapsed, 1e-9)
-        clock = time.perf_counter()
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}", refresh=False)
-        if sink is not None:
-            sink.log(progress.step, **{"loss/train": loss_sum, "opt/lr": lr, "opt/grad_norm": grad_norm,
-                                       "opt/skipped_steps": progress.skipped_steps})
-            if warming_up:  # compile time is reported once and kept out of the throughput figures
-                sink.log(progress.step, **{"perf/compile_s": elapsed})
-            else:
-                sink.log(progress.step, **{"perf/tokens_per_s": tok_s, "perf/mfu": step_flops / elapsed / peak})
-            if aux_sum is not None:
-                sink.log(progress.step, **{"loss/train_uboo": aux_sum,
-                                           "loss/train_ce": loss_sum - model.cfg.uboo_weight * aux_sum})
-            if progress.step % tp.log_every == 0:
-                sink.flush()
-        if progress.step % tp.eval_every == 0 or progress.step == budget.steps:
-            vl = val_loss(model if ema is None else ema.module, val, starts, tp, device)
-            row = {"step": progress.step, "train_loss": float(np.mean(train_losses)), "val_loss": vl, "lr": lr}
-            if ema is not None:  # the weights being trained, beside the average that is kept: shown, not used
-                row["val_loss_raw"] = val_loss(model, val, starts, tp, device)
-            progress.history.append(row)
-            train_losses = []
-            if vl < progress.best_val:
-                progress.best_val, progress.best_step, progress.bad_evals = vl, progress.step, 0
-                save("best.pt", with_optimizer=False)
-            else:
-                progress.bad_evals += 1
-            # Rank 0's decision for all: a rank that stopped alone would hang the others' all-reduce.
-            progress.stopped_early = distributed.broadcast(0 < tp.patience <= progress.bad_evals, group)
-            save("last.pt", with_optimizer=True)
-            if group.main:
-                bar.write(f"step {progress.step}: val loss {vl:.4f} (best {progress.best_val:.4f} @ {progress.best_step})")
-            if sink is not None:
-                sink.log(progress.step, **{"loss/val": vl})
+    try:
+        while True:
+            # Ctrl-C, honoured between steps, at the same step on every rank: torchrun forwards it to each at
+            # its own moment, and a rank leaving alone would strand the others in an all-reduce. No collective,
+            # store call or file write is cut in half, and one pressed in the last step or evaluation counts.
+            if distributed.any_rank(stop.requested, group):
+                if saved_at != progress.step:
+                    save("last.pt", with_optimizer=True)
+                raise Stopped(progress.step, ckpt_dir / "last.pt")
+            if progress.step >= budget.steps or progress.stopped_early:
+                return progress
+            lr = lr_at(progress.step, budget, min(tp.min_lr, budget.lr))
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = lr
+            model.train()
+            loss_sum, aux_sum = 0.0, 0.0  # aux: UBOO's loss, logged apart from the cross-entropy
+            for micro in range(tp.grad_accum):
+                x, y = random_batch(train, tp.batch_size, tp.seq_len, generator)
+                sync = micro == tp.grad_accum - 1 or group.world == 1  # DDP all-reduces on the last micro-batch only
+                with contextlib.nullcontext() if sync else wrapped.no_sync():
+                    out = forward_backward(step_fn, x.to(device), y.to(device), 1 / tp.grad_accum, autocast(device))
+                loss_sum += out.loss.item() / tp.grad_accum
+                aux_sum += out.aux.item() / tp.grad_accum if out.aux is not None else 0.0
+            loss_sum = distributed.mean(loss_sum, group)
+            aux_sum = distributed.mean(aux_sum, group) if out.aux is not None else None
+            if not math.isfinite(loss_sum):
+                raise TrainingDiverged(
+                    f"loss became {loss_sum} at step {progress.step} (lr {lr:.2e}); the last good checkpoint is "
+                    f"{ckpt_dir / 'last.pt'} (step {progress.history[-1]['step'] if progress.history else 0}); "
+                    "lower train.lr or raise train.warmup_steps")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                             tp.grad_clip if tp.grad_clip > 0 else math.inf))
+            if math.isfinite(grad_norm):  # DDP averaged the gradients first, so every rank agrees
+                optimizer.step()
                 if ema is not None:
-                    sink.log(progress.step, **{"loss/val_raw": row["val_loss_raw"]})
-                sink.flush()
-            clock = time.perf_counter()  # evaluation time is not training throughput
-        warming_up = False
-    bar.close()
-    stop.uninstall()
-    return progress
+                    ema.update_parameters(model)
+            else:  # a finite loss with an inf/NaN gradient: clipping would spread the NaN into every weight
+                progress.skipped_steps += 1
+            optimizer.zero_grad(set_to_none=True)
+            progress.step += 1
+            progress.tokens += tokens_per_step
+            progress.train_losses.append(loss_sum)
+            elapsed = time.perf_counter() - clock
+            tok_s = tokens_per_step / max(elapsed, 1e-9)
+            clock = time.perf_counter()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}", refresh=False)
+            if sink is not None:
+                sink.log(progress.step, **{"loss/train": loss_sum, "opt/lr": lr, "opt/grad_norm": grad_norm,
+                                           "opt/skipped_steps": progress.skipped_steps})
+                if warming_up:  # compile time is reported once and kept out of the throughput figures
+                    sink.log(progress.step, **{"perf/compile_s": elapsed})
+                else:
+                    sink.log(progress.step, **{"perf/tokens_per_s": tok_s, "perf/mfu": step_flops / elapsed / peak})
+                if aux_sum is not None:
+                    sink.log(progress.step, **{"loss/train_uboo": aux_sum,
+                                               "loss/train_ce": loss_sum - model.cfg.uboo_weight * aux_sum})
+                if progress.step % tp.log_every == 0:
+                    flush()
+            if progress.step % tp.eval_every == 0 or progress.step == budget.steps:
+                vl = val_loss(model if ema is None else ema.module, val, starts, tp, device)
+                row = {"step": progress.step, "train_loss": float(np.mean(progress.train_losses)), "val_loss": vl,
+                       "lr": lr}
+                if ema is not None:  # the weights being trained, beside the average that is kept: shown, not used
+                    row["val_loss_raw"] = val_loss(model, val, starts, tp, device)
+                progress.history.append(row)
+                progress.train_losses = []
+                if vl < progress.best_val:
+                    progress.best_val, progress.best_step, progress.bad_evals = vl, progress.step, 0
+                    save("best.pt", with_optimizer=False)
+                else:
+                    progress.bad_evals += 1
+                # Rank 0's decision for all: a rank that stopped alone would hang the others' all-reduce.
+                progress.stopped_early = distributed.broadcast(0 < tp.patience <= progress.bad_evals, group)
+                save("last.pt", with_optimizer=True)
+                saved_at = progress.step
+                if group.main:
+                    bar.write(f"step {progress.step}: val loss {vl:.4f} "
+                              f"(best {progress.best_val:.4f} @ {progress.best_step})")
+                if sink is not None:
+                    sink.log(progress.step, **{"loss/val": vl})
+                    if ema is not None:
+                        sink.log(progress.step, **{"loss/val_raw": row["val_loss_raw"]})
+                    flush()
+                clock = time.perf_counter()  # evaluation time is not training throughput
+            warming_up = False
+    finally:  # a failure or a Ctrl-C leaves the terminal as it found it
+        bar.close()
+        stop.uninstall()
 
 
 class StopRequest:
-    """The first Ctrl-C asks the loop to stop at the next step boundary (it then says where it stopped and
-    where a rerun resumes); a second one interrupts at once, as Python would."""
+    """The first Ctrl-C asks the loop to stop at the next step boundary (it saves that step and says where it
+    stopped); a second one interrupts at once, as Python would."""
 
     def __init__(self) -> None:
         self.requested, self.previous = False, None

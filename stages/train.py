@@ -16,9 +16,10 @@ from mmrec.errors import exits_cleanly  # noqa: E402
 @exits_cleanly
 def main(argv: list[str]) -> None:
     params, rung = load_rung_params(argv, "train")
-    if params.train.nproc > 1 and "LOCAL_RANK" not in os.environ:  # relaunch under torch's own launcher
-        os.execvp(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                   f"--nproc_per_node={params.train.nproc}", __file__, rung])
+    if params.train.nproc > 1 and "LOCAL_RANK" not in os.environ:  # run again under torch's own launcher
+        from mmrec.distributed import launch
+
+        sys.exit(launch(params.train.nproc, __file__, [rung]))
     from mmrec.rung import train_rung
 
     metrics = train_rung(params, rung)

@@ -1,5 +1,8 @@
 """Data-parallel training with 2 CPU processes (gloo), launched the way the stage launches itself."""
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -10,7 +13,7 @@ import torch.multiprocessing as mp
 import yaml
 from mlflow import MlflowClient
 
-from mmrec import distributed
+from mmrec import checkpoint, distributed
 from tests.conftest import REPO, TINY_PARAMS, deep_merge, kill_tree
 
 # max_tokens is all ranks' tokens: 100 steps of 2 ranks x 8 x 32 (it used to allow 200 steps, capped at 120)
@@ -18,8 +21,8 @@ PARAMS = deep_merge(TINY_PARAMS, {"train": {"nproc": 2, "max_steps": 120, "max_t
                                             "eval_every": 20}})
 
 
-def start(root):
-    (root / "params.yaml").write_text(yaml.safe_dump(PARAMS, sort_keys=False))
+def start(root, params=PARAMS):
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return subprocess.Popen([sys.executable, str(REPO / "stages/train.py"), "tiny"], cwd=root, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -64,6 +67,26 @@ def test_two_gloo_processes_train_log_once_and_resume_to_the_same_result(workdir
     assert json.loads((killed / "metrics/train/tiny.json").read_text()) == expected
     client, [run] = runs(killed)  # the resumed run continues the same MLflow run
     assert run.info.status == "FINISHED"
+
+
+def test_ctrl_c_stops_every_rank_at_the_same_step_and_the_run_ends_killed(workdir):
+    """torchrun forwards SIGINT to each rank at its own moment: they must agree on one step boundary, save
+    once, and each leave with one line and exit 130 (one alone would leave the other waiting in an all-reduce)."""
+    proc = start(workdir, deep_merge(PARAMS, {"train": {"max_steps": 5000, "max_tokens": 0, "eval_every": 20}}))
+    last = workdir / "checkpoints/tiny/last.pt"
+    deadline = time.time() + 180
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert last.exists(), proc.communicate()[0][-3000:]
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole foreground process group
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 130 and "Traceback" not in out, out[-3000:]
+    stops = re.findall(r"error: [^\r\n]*?interrupted at step (\d+)", out)
+    assert len(stops) == 2 and len(set(stops)) == 1, out[-3000:]  # one line from each rank, the same step
+    assert out.count("error:") == 2, out[-3000:]
+    assert checkpoint.load(last)["progress"]["step"] == int(stops[0])  # saved where they stopped
+    client, [run] = runs(workdir)
+    assert run.info.status == "KILLED"
 
 
 def _decide(rank: int, world: int, init_file: str, out_dir: str) -> None:

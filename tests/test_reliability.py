@@ -17,6 +17,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from mmrec import checkpoint
 from tests.conftest import dvc, kill_tree, run
 
 ONE_RUNG = {"ladder": {"tiny": {"width": 32, "layers": 1, "memories": 2, "after": "data/tokens"}}}
@@ -287,28 +288,9 @@ def wait_for(predicate, proc, timeout=120):
     return False
 
 
-def test_ctrl_c_in_training_says_where_it_stopped_and_the_rerun_resumes(tokenized_project):
-    root = tokenized_project
-    edit_params(root, lambda p: p["train"].update(max_steps=400, eval_every=10))
-    stage(root, "validate")
-    proc = subprocess.Popen([sys.executable, "stages/train.py", "tiny"], cwd=root, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    assert wait_for(lambda: (root / "checkpoints/tiny/last.pt").exists(), proc), "no checkpoint before the end"
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "Traceback" not in err
-    [line] = [l for l in err.splitlines() if l.startswith("error:")]
-    assert line.startswith("error: interrupted at step ") and "`dvc repro` resumes from step" in line
-    assert statuses(root) == ["KILLED"]
-
-    out = dvc(root, "repro", "train@tiny")
-    assert "resuming from step" in out.stdout + out.stderr
-    [r] = runs(root)
-    assert r.info.status == "FINISHED"
-    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
-    for key in r.data.metrics:
-        steps = [m.step for m in client.get_metric_history(r.info.run_id, key)]
-        assert len(steps) == len(set(steps)), f"the resumed run logged {key} twice at some step"
+def checkpoint_step(root: Path) -> int:
+    """The step that checkpoints/tiny/last.pt holds."""
+    return checkpoint.load(root / "checkpoints/tiny/last.pt")["progress"]["step"]
 
 
 def test_a_kill_before_the_first_checkpoint_leaves_no_run_running_and_no_temp_behind(tokenized_project, tmp_path):
@@ -329,3 +311,50 @@ def test_a_kill_before_the_first_checkpoint_leaves_no_run_running_and_no_temp_be
     dvc(root, "repro", "train@tiny")
     assert statuses(root) == ["FINISHED", "KILLED"]
     assert not list((root / "data").glob(".*.tmp-*")) and not list((root / "models").glob(".*.tmp-*"))
+
+
+def interrupt(cmd: list[str], root: Path) -> str:
+    """Start `cmd` in a session of its own, press Ctrl-C (SIGINT to the whole process group, as a terminal
+    does) once a checkpoint exists, and return its stderr."""
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    assert wait_for(lambda: (root / "checkpoints/tiny/last.pt").exists(), proc), "no checkpoint before the end"
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert "Traceback" not in err, err[-3000:]
+    return err
+
+
+def test_ctrl_c_in_training_says_where_it_stopped_and_what_each_rerun_does(tokenized_project):
+    root = tokenized_project
+    edit_params(root, lambda p: p["train"].update(max_steps=100, eval_every=10))
+    stage(root, "validate")
+    err = interrupt([sys.executable, "stages/train.py", "tiny"], root)
+    [line] = [l for l in err.splitlines() if l.startswith("error:")]
+    step = checkpoint_step(root)
+    assert line == (f"error: interrupted at step {step}, saved in checkpoints/tiny/last.pt; "
+                    f"`dvc repro` resumes from step {step}")  # train@tiny has never run: DVC will run it
+    assert statuses(root) == ["KILLED"]
+
+    out = dvc(root, "repro", "train@tiny")
+    assert f"resuming from step {step}" in out.stdout + out.stderr
+    [r] = runs(root)
+    assert r.info.status == "FINISHED"
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    for key in r.data.metrics:
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, key)]
+        assert len(steps) == len(set(steps)), f"the resumed run logged {key} twice at some step"
+
+    # A forced rerun of the finished stage, stopped: a plain `dvc repro` keeps DVC's earlier result instead
+    err = interrupt(["dvc", "repro", "-f", "-s", "train@tiny"], root)
+    [line] = [l for l in err.splitlines() if l.startswith("error:")]
+    step = checkpoint_step(root)
+    assert line == (f"error: interrupted at step {step}, saved in checkpoints/tiny/last.pt; a plain `dvc repro` "
+                    "restores train@tiny's earlier result from DVC's cache instead and leaves checkpoints/tiny/last.pt "
+                    f"behind; `dvc repro -f -s train@tiny` resumes this run from step {step}")
+    out = dvc(root, "repro", "train@tiny")
+    assert "Running stage 'train@tiny'" not in out.stdout and (root / "checkpoints/tiny/last.pt").exists()
+    out = dvc(root, "repro", "-f", "-s", "train@tiny")
+    assert f"resuming from step {step}" in out.stdout + out.stderr
+    assert not (root / "checkpoints/tiny").exists()
+    assert statuses(root) == ["FINISHED", "FINISHED"]
