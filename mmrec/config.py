@@ -31,6 +31,7 @@ class Section(BaseModel):
 PositiveInt = Annotated[int, Field(gt=0)]
 GROWTH_SPLIT = 0.5  # spread of the uneven shares that break the symmetry of width growth (growth.py)
 Fraction = Annotated[float, Field(gt=0, lt=0.5)]
+MAX_VOCAB = 1 << 20  # SentencePiece pieces; ids above 65535 make the token files uint32
 
 
 class DataParams(Section):
@@ -64,13 +65,14 @@ class DataParams(Section):
 
 
 class TokenizerParams(Section):
-    vocab_size: Annotated[int, Field(ge=100, le=65535)] = 5000  # uint16 token files
+    vocab_size: Annotated[int, Field(ge=100, le=MAX_VOCAB)] = 5000  # above 65536 the token files are uint32
     model_type: Literal["bpe", "unigram"] = "bpe"
     character_coverage: Annotated[float, Field(gt=0.9, le=1.0)] = 1.0
     byte_fallback: bool = True
     split_digits: bool = True
+    allow_whitespace_only_pieces: bool = False  # pieces made of spaces only: indentation (with data.keep_layout)
     num_threads: Annotated[int, Field(ge=1, le=256)] = 2  # training threads: fixed so spm.model is identical on a rerun
-    input_sentence_size: Annotated[int, Field(ge=0)] = 0  # 0: use every train line
+    sample_bytes: PositiveInt = 32_000_000  # train text SentencePiece learns from (seeded sample): bounds its memory
 
 
 class ModelParams(Section):
