@@ -7,17 +7,17 @@ read_header()/load_tokens(), which refuse a file whose size disagrees with its h
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import json
-import queue
 import random
 import re
 import sys
-import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import NamedTuple
 
 import numpy as np
 import sentencepiece as spm
@@ -31,8 +31,8 @@ from mmrec.paths import SPLITS
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 MAX_DOC_BYTES = 1 << 20  # longer train documents are left out of training (still encoded)
 BATCH_BYTES = 1 << 20  # text encoded per batch: bounds memory whatever the corpus size
+SAMPLE_SHARE = 0.95  # a sampled document is drawn with this share of sample_bytes / train bytes
 HEADER = "header.json"
-T = TypeVar("T")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -90,23 +90,25 @@ def read_docs(path: Path, escaped: bool = False) -> Iterator[str]:
 
 def sample_docs(path: Path, sample_bytes: int, seed: int, escaped: bool = False) -> Iterator[str]:
     """The train documents SentencePiece learns from: all of them when the file holds at most `sample_bytes`,
-    else each drawn with probability sample_bytes / file size (seeded), never more than `sample_bytes` in all.
-    Documents over MAX_DOC_BYTES are left out (they are still encoded).
+    else each drawn (seeded) with probability SAMPLE_SHARE * sample_bytes / file size, never more than
+    `sample_bytes` in all: the margin keeps the bound from cutting off the end of the file. Documents over
+    MAX_DOC_BYTES are left out (they are still encoded).
 
     We sample here because sentencepiece 0.2.3's own sampling (input_sentence_size) differs from run
     to run even after set_random_generator_seed, and counts sentences, not bytes.
     """
-    keep = min(1.0, sample_bytes / max(path.stat().st_size, 1))
+    size = path.stat().st_size
+    keep = 1.0 if size <= sample_bytes else SAMPLE_SHARE * sample_bytes / size
     draw = random.Random(seed).random
     taken = skipped = 0
     for doc in read_docs(path, escaped):
         if keep < 1.0 and draw() >= keep:
             continue
-        size = len(doc.encode("utf-8"))
-        if size > MAX_DOC_BYTES:
+        doc_bytes = len(doc.encode("utf-8"))
+        if doc_bytes > MAX_DOC_BYTES:
             skipped += 1
-        elif taken + size + 1 <= sample_bytes:
-            taken += size + 1
+        elif taken + doc_bytes + 1 <= sample_bytes:
+            taken += doc_bytes + 1
             yield doc
     if skipped:
         print(f"note: {skipped} train documents over {MAX_DOC_BYTES} bytes left out of tokenizer training "
@@ -193,51 +195,41 @@ def load_tokenizer(model_dir_or_path: str | Path) -> spm.SentencePieceProcessor:
                         f"{dvc_fix('tokenizer')}") from None
 
 
-def _batches(path: Path, escaped: bool) -> Iterator[tuple[list[str], int, int]]:
-    """(documents, their characters, their UTF-8 bytes) of a split file, about BATCH_BYTES at a time."""
+class Batch(NamedTuple):
+    docs: list[str]
+    chars: int  # characters of the documents
+    bytes: int  # UTF-8 bytes of the documents
+
+
+def _batches(path: Path, escaped: bool) -> Iterator[Batch]:
+    """The documents of a split file, about BATCH_BYTES at a time."""
     for text, size in _text_blocks(path):
         lines = text.split("\n")[:-1]
         docs = [unescape(line) for line in lines] if escaped else lines
         chars = sum(map(len, docs))
         # an escape is two ASCII characters for one: what unescaping saves in characters it saves in bytes
-        yield docs, chars, size - len(lines) - (len(text) - len(lines) - chars)
+        yield Batch(docs, chars, size - len(lines) - (len(text) - len(lines) - chars))
 
 
-def _prefetched(items: Iterator[T], depth: int = 2) -> Iterator[T]:
-    """`items`, produced by a background thread up to `depth` ahead: the next batch is read while
-    SentencePiece (which releases the GIL) encodes this one."""
-    box: queue.Queue = queue.Queue(depth)
-    stop = threading.Event()
-    end = object()
-
-    def produce() -> None:
+def _encoded(sp: spm.SentencePieceProcessor, batches: Iterable[Batch],
+             num_threads: int) -> Iterator[tuple[Batch, list[np.ndarray]]]:
+    """(batch, ids of each of its documents), in order. Each of `num_threads` threads encodes a batch of
+    its own with SentencePiece (which releases the GIL) while this one reads the next: no thread waits
+    for the longest document of a shared batch, as in one multi-threaded call per batch."""
+    with ThreadPoolExecutor(num_threads) as pool:
+        pending: collections.deque = collections.deque()
         try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        box.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        pass
-                if stop.is_set():
-                    return
-            box.put((end, None))
-        except BaseException as err:  # handed to the consumer, raised there
-            box.put((end, err))
-
-    thread = threading.Thread(target=produce, daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, err = box.get()
-            if err is not None:
-                raise err
-            if item is end:
-                return
-            yield item
-    finally:
-        stop.set()
-        thread.join()
+            for batch in batches:
+                pending.append((batch, pool.submit(sp.encode, batch.docs, return_type="numpy", num_threads=1)))
+                if len(pending) > num_threads:
+                    done, ids = pending.popleft()
+                    yield done, ids.result()
+            while pending:
+                done, ids = pending.popleft()
+                yield done, ids.result()
+        finally:
+            for _, ids in pending:
+                ids.cancel()
 
 
 def _encode_split(sp: spm.SentencePieceProcessor, txt: Path, out: Path, num_threads: int, digest,
@@ -247,19 +239,18 @@ def _encode_split(sp: spm.SentencePieceProcessor, txt: Path, out: Path, num_thre
     eos = np.array([EOS_ID], dtype=np.int32)
     docs_n = chars = text_bytes = tokens = unk = byte_pieces = 0
     with replacing(out) as tmp, open(tmp, "wb") as f:
-        for docs, batch_chars, batch_bytes in _prefetched(_batches(txt, escaped)):
-            ids = sp.encode(docs, return_type="numpy", num_threads=num_threads)
+        for batch, ids in _encoded(sp, _batches(txt, escaped), num_threads):
             flat = np.concatenate([a for doc_ids in ids for a in (doc_ids, eos)])
             chunk = flat.astype(dtype).tobytes()
             f.write(chunk)
             digest.update(chunk)
-            docs_n += len(docs)
-            chars += batch_chars
-            text_bytes += batch_bytes
+            docs_n += len(batch.docs)
+            chars += batch.chars
+            text_bytes += batch.bytes
             tokens += len(flat)
             unk += int((flat == UNK_ID).sum())
             byte_pieces += int(is_byte[flat].sum())
-            advance(batch_bytes + len(docs))
+            advance(batch.bytes + len(batch.docs))
     return dict(documents=docs_n, characters=chars, bytes=text_bytes, tokens=tokens,
                 bytes_per_token=round(text_bytes / max(tokens, 1), 4), unk_rate=unk / max(tokens, 1),
                 byte_fallback_rate=byte_pieces / max(tokens, 1))

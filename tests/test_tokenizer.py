@@ -328,3 +328,11 @@ def test_a_vocabulary_over_65536_writes_uint32_tokens(model, tmp_path):
     assert (tmp_path / "tokens/test.bin").stat().st_size == 4 * header["splits"]["test"]["tokens"]
     assert documents(tmp_path / "tokens", "test", sp) == docs
     assert text_bytes(sp, ids, EOS_ID) == header["splits"]["test"]["bytes"]
+
+
+def test_split_files_are_read_in_blocks_without_cutting_a_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(mmrec.tokenizer, "BATCH_BYTES", 8)  # lines longer than a block, characters across blocks
+    docs = ["short", "a line much longer than one block", "ж日本語🙂 across", "x", "last without newline"]
+    path = tmp_path / "train.txt"
+    path.write_text("\n".join(docs), encoding="utf-8")
+    assert list(read_docs(path)) == docs
