@@ -1,9 +1,11 @@
-"""The corpus: fetch it (URL, local file or directory, or a file inside an installed package), clean
-it to one document per line, and split it by a stable content hash into train/val/test.
+"""The corpus: fetch it (URL, local file or directory, or a file inside an installed package), read it as a
+stream, clean it to one document per line, dedupe it, and split it by a stable content hash into
+train/val/test (val/test capped by size). docs/data.md is the user's guide.
 
     data/raw/            downloads (verified by sha256, resumable) + manifest.json
-    data/prepared/       train.txt, val.txt, test.txt (one document per line) + manifest.json
-    metrics/download.json
+    data/prepared/       train.txt, val.txt, test.txt (one document per line, escaped when the layout is
+                         kept) + manifest.json
+    metrics/download.json, metrics/speed/download.json
 
 Outputs are built in a temp file or directory and renamed into place, so a failure leaves the old
 outputs (or nothing), never a half set.

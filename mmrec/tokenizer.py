@@ -61,23 +61,22 @@ def _text_blocks(path: Path) -> Iterator[tuple[str, int]]:
     """Whole lines of a split file, about BATCH_BYTES at a time: (text ending in a newline, its bytes)."""
     with open(path, "rb") as f:
         carry: list[bytes] = []
-        while True:
-            block = f.read(BATCH_BYTES)
-            cut = block.rfind(b"\n") + 1 if block else len(block)
-            if block and not cut:  # a line longer than a block: keep collecting
+        for block in iter(lambda: f.read(BATCH_BYTES), b""):
+            cut = block.rfind(b"\n") + 1
+            if not cut:  # a line longer than a block: keep collecting
                 carry.append(block)
                 continue
-            data = b"".join([*carry, block[:cut]])
+            yield _utf8(b"".join([*carry, block[:cut]]), path)
             carry = [block[cut:]]
-            if not block and data and not data.endswith(b"\n"):
-                data += b"\n"  # a last line without its newline
-            if data:
-                try:
-                    yield data.decode("utf-8"), len(data)
-                except UnicodeDecodeError:
-                    raise UserError(f"{path}: not valid UTF-8 (rerun `dvc repro download`)") from None
-            if not block:
-                return
+        if tail := b"".join(carry):
+            yield _utf8(tail + b"\n", path)  # a last line without its newline
+
+
+def _utf8(data: bytes, path: Path) -> tuple[str, int]:
+    try:
+        return data.decode("utf-8"), len(data)
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not valid UTF-8 (rerun `dvc repro download`)") from None
 
 
 def read_docs(path: Path, escaped: bool = False) -> Iterator[str]:
@@ -115,10 +114,15 @@ def sample_docs(path: Path, sample_bytes: int, seed: int, escaped: bool = False)
               "(they are still encoded)", file=sys.stderr)
 
 
-def _user_error(err: RuntimeError) -> UserError | None:
-    """SentencePiece's messages for a vocab the corpus cannot fit, as one line the user can act on."""
+def _user_error(err: RuntimeError, sampled: int) -> UserError | None:
+    """SentencePiece's messages for a vocab the corpus cannot fit, as one line the user can act on.
+    `sampled`: tokenizer.sample_bytes when it took only a part of the train split, else 0."""
     msg = str(err)
     if m := re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", msg):
+        if sampled:
+            return UserError(f"tokenizer.vocab_size = {m[1]}: the tokenizer's sample of the train split "
+                             f"(tokenizer.sample_bytes = {sampled}) can fill at most {m[2]} pieces; lower "
+                             "tokenizer.vocab_size or raise tokenizer.sample_bytes")
         return UserError(f"tokenizer.vocab_size = {m[1]}: the train split can fill at most {m[2]} pieces; "
                          "lower tokenizer.vocab_size")
     if m := re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", msg):
@@ -166,7 +170,8 @@ def train_tokenizer(train_txt: Path, out_dir: Path, params: TokenizerParams, see
                 minloglevel=2,  # errors only
             )
         except RuntimeError as err:
-            raise (_user_error(err) or err) from None
+            sampled = params.sample_bytes if params.sample_bytes < train_txt.stat().st_size else 0
+            raise (_user_error(err, sampled) or err) from None
     model_path = out_dir / "spm.model"
     with replacing(model_path) as tmp:
         tmp.write_bytes(model.getvalue())

@@ -157,6 +157,13 @@ def test_vocab_too_large_says_how_many_the_corpus_can_fill(prepared, tmp_path):
     assert sp.get_piece_size() == fillable
 
 
+def test_vocab_too_large_for_a_sample_says_the_sample_may_grow(prepared, tmp_path):
+    params = PARAMS.model_copy(update=dict(vocab_size=20000, sample_bytes=5000))
+    with pytest.raises(UserError, match=r"the tokenizer's sample of the train split \(tokenizer.sample_bytes = 5000\) "
+                                        r"can fill at most \d+ pieces; .* or raise tokenizer.sample_bytes$"):
+        train_tokenizer(prepared / "train.txt", tmp_path, params, seed=7)
+
+
 def test_vocab_too_small_for_byte_fallback(prepared, tmp_path):
     with pytest.raises(UserError, match=r"vocab_size = 100: this corpus needs at least \d+ pieces"):
         train_tokenizer(prepared / "train.txt", tmp_path, PARAMS.model_copy(update=dict(vocab_size=100)), seed=7)
