@@ -130,6 +130,35 @@ def encode_limit(project: Path, threads: int) -> tuple[float, int]:
     return size / 1e6 / seconds, size
 
 
+SWEEP_SCRIPT = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+from mmrec.config import TokenizerParams
+from mmrec.memory import peak_rss_mb
+from mmrec.tokenizer import train_tokenizer
+params = TokenizerParams(**json.loads(sys.argv[3]))
+start = time.perf_counter()
+train_tokenizer(Path(sys.argv[2]) / "data/prepared/train.txt", Path(sys.argv[4]), params, seed=1337)
+print(json.dumps({"seconds": time.perf_counter() - start, "rss_mb": peak_rss_mb()}))
+"""
+
+
+def sample_sweep(project: Path, sizes_mb: list[float], model_type: str, vocab_size: int, layout: str) -> None:
+    """Train the tokenizer alone on samples of the prepared train split: seconds and peak RSS by sample size."""
+    print(f"\n| tokenizer sample | {model_type}: train s | peak RSS MB |\n|---:|---:|---:|")
+    for mb in sizes_mb:
+        params = dict(model_type=model_type, vocab_size=vocab_size, character_coverage=0.9995,
+                      allow_whitespace_only_pieces=layout == "keep", sample_bytes=int(mb * 1e6))
+        done = subprocess.run([sys.executable, "-c", SWEEP_SCRIPT, str(ROOT), str(project), json.dumps(params),
+                               str(project / "sweep-model")], capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"tokenizer training failed:\n{done.stderr}")
+        got = json.loads(done.stdout.splitlines()[-1])
+        print(f"| {mb:g} MB | {got['seconds']:.1f} | {got['rss_mb']:.0f} |")
+        sys.stdout.flush()
+
+
 def write_params(project: Path, source: Path, args: argparse.Namespace) -> None:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data"] |= {"source": str(source), "group_by": args.group_by, "keep_layout": args.layout == "keep"}
@@ -161,6 +190,11 @@ def main() -> None:
     parser.add_argument("--layout", choices=["keep", "collapse"], default="keep", help="data.keep_layout")
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/mmrec-bench-data"))
+    parser.add_argument("--sample-sweep", type=lambda s: [float(x) for x in s.split(",")],
+                        help="then train the tokenizer alone on samples of these MB (of the first corpus's train "
+                             "split): seconds and peak RSS, to choose tokenizer.sample_bytes")
+    parser.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe", help="for --sample-sweep")
+    parser.add_argument("--sweep-only", action="store_true", help="skip the stages: sweep a corpus prepared before")
     args = parser.parse_args()
 
     print(f"machine: {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB; "
@@ -176,9 +210,13 @@ def main() -> None:
                   f"in {time.perf_counter() - start:.0f}s")
         cases.append((f"{size} GB", corpus))
 
+    projects = [args.workdir / f"project-{name.replace(' ', '')}" for name, _ in cases]
+    if args.sweep_only:
+        sample_sweep(projects[0], args.sample_sweep or [32], args.model_type, args.vocab_size, args.layout)
+        return
     print(f"\n| corpus | stage | wall s | text MB | MB/s | peak RSS MB | vs limit |\n|---|---|---:|---:|---:|---:|---:|")
-    for name, source in cases:
-        rows = bench(source, args.workdir / f"project-{name.replace(' ', '')}", args)
+    for (name, source), project in zip(cases, projects):
+        rows = bench(source, project, args)
         limit = rows[-1]["limit"]
         for row in rows[:-1]:
             rate = row["mb"] / row["seconds"]
@@ -191,6 +229,8 @@ def main() -> None:
         print(f"| {name} | limit: spm.encode, {rows[-1]['threads']} threads, {rows[-1]['mb']:.0f} MB in memory | "
               f"| | {limit:.2f} | | 100% |")
         sys.stdout.flush()
+    if args.sample_sweep:
+        sample_sweep(projects[0], args.sample_sweep, args.model_type, args.vocab_size, args.layout)
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
 
 

@@ -390,14 +390,17 @@ def _parquet_records(path: Path, fields: list[str], advance: Callable[[int], obj
             )
         size, rows, row = path.stat().st_size, max(parquet.metadata.num_rows, 1), 0
         try:
-            # one thread: decoding threads each keep their own heap, and the rows are read in order anyway
-            for batch in parquet.iter_batches(PARQUET_BATCH_ROWS, columns=fields, use_threads=False):
-                columns = [batch.column(f).to_pylist() for f in fields]
-                for values in zip(*columns):
-                    yield _checked(dict(zip(fields, values)), fields[0], f"{path} row {row}")
-                    row += 1
-                if advance is not None:
-                    advance(size * batch.num_rows // rows)
+            for group in range(parquet.num_row_groups):
+                # a row group at a time (a batch spanning two would make pyarrow hold both, and its allocator
+                # keep the memory), one decoding thread (each thread would keep a heap of its own)
+                for batch in parquet.iter_batches(PARQUET_BATCH_ROWS, row_groups=[group], columns=fields,
+                                                  use_threads=False):
+                    columns = [batch.column(f).to_pylist() for f in fields]
+                    for values in zip(*columns):
+                        yield _checked(dict(zip(fields, values)), fields[0], f"{path} row {row}")
+                        row += 1
+                    if advance is not None:
+                        advance(size * batch.num_rows // rows)
         except OSError as err:  # a damaged page or row group, found when it is read
             raise UserError(f"{path}: not a readable parquet file at row {row} ({err})") from None
 
