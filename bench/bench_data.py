@@ -136,26 +136,31 @@ sys.path.insert(0, sys.argv[1])
 from pathlib import Path
 from mmrec.config import TokenizerParams
 from mmrec.memory import peak_rss_mb
-from mmrec.tokenizer import train_tokenizer
+from mmrec.tokenizer import layout_kept, load_tokenizer, read_docs, train_tokenizer
 params = TokenizerParams(**json.loads(sys.argv[3]))
+prepared = Path(sys.argv[2]) / "data/prepared"
 start = time.perf_counter()
-train_tokenizer(Path(sys.argv[2]) / "data/prepared/train.txt", Path(sys.argv[4]), params, seed=1337)
-print(json.dumps({"seconds": time.perf_counter() - start, "rss_mb": peak_rss_mb()}))
+model = train_tokenizer(prepared / "train.txt", Path(sys.argv[4]), params, seed=1337)
+seconds, rss = time.perf_counter() - start, peak_rss_mb()
+val = list(read_docs(prepared / "val.txt", layout_kept(prepared)))
+tokens = sum(map(len, load_tokenizer(model).encode(val, num_threads=2)))
+print(json.dumps({"seconds": seconds, "rss_mb": rss, "bytes_per_token": sum(len(d.encode()) for d in val) / tokens}))
 """
 
 
-def sample_sweep(project: Path, sizes_mb: list[float], model_type: str, vocab_size: int, layout: str) -> None:
-    """Train the tokenizer alone on samples of the prepared train split: seconds and peak RSS by sample size."""
-    print(f"\n| tokenizer sample | {model_type}: train s | peak RSS MB |\n|---:|---:|---:|")
+def sample_sweep(project: Path, sizes_mb: list[float], model_type: str, vocab_size: int, spaces: bool) -> None:
+    """Train the tokenizer alone on samples of the prepared train split: seconds, peak RSS and bytes per
+    token on the val split, by sample size."""
+    print(f"\n| tokenizer sample | {model_type}: train s | peak RSS MB | val bytes/token |\n|---:|---:|---:|---:|")
     for mb in sizes_mb:
         params = dict(model_type=model_type, vocab_size=vocab_size, character_coverage=0.9995,
-                      allow_whitespace_only_pieces=layout == "keep", sample_bytes=int(mb * 1e6))
+                      allow_whitespace_only_pieces=spaces, sample_bytes=int(mb * 1e6))
         done = subprocess.run([sys.executable, "-c", SWEEP_SCRIPT, str(ROOT), str(project), json.dumps(params),
                                str(project / "sweep-model")], capture_output=True, text=True)
         if done.returncode:
             sys.exit(f"tokenizer training failed:\n{done.stderr}")
         got = json.loads(done.stdout.splitlines()[-1])
-        print(f"| {mb:g} MB | {got['seconds']:.1f} | {got['rss_mb']:.0f} |")
+        print(f"| {mb:g} MB | {got['seconds']:.1f} | {got['rss_mb']:.0f} | {got['bytes_per_token']:.2f} |")
         sys.stdout.flush()
 
 
@@ -163,7 +168,7 @@ def write_params(project: Path, source: Path, args: argparse.Namespace) -> None:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data"] |= {"source": str(source), "group_by": args.group_by, "keep_layout": args.layout == "keep"}
     params["tokenizer"] |= {"vocab_size": args.vocab_size, "character_coverage": 0.9995,
-                            "allow_whitespace_only_pieces": args.layout == "keep"}
+                            "allow_whitespace_only_pieces": args.whitespace_pieces}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -189,6 +194,8 @@ def main() -> None:
                         help="data.group_by for --source (comma-separated)")
     parser.add_argument("--layout", choices=["keep", "collapse"], default="keep", help="data.keep_layout")
     parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--whitespace-pieces", action=argparse.BooleanOptionalAction, default=None,
+                        help="tokenizer.allow_whitespace_only_pieces (default: on when the layout is kept)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/mmrec-bench-data"))
     parser.add_argument("--sample-sweep", type=lambda s: [float(x) for x in s.split(",")],
                         help="then train the tokenizer alone on samples of these MB (of the first corpus's train "
@@ -196,6 +203,8 @@ def main() -> None:
     parser.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe", help="for --sample-sweep")
     parser.add_argument("--sweep-only", action="store_true", help="skip the stages: sweep a corpus prepared before")
     args = parser.parse_args()
+    if args.whitespace_pieces is None:
+        args.whitespace_pieces = args.layout == "keep"
 
     print(f"machine: {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB; "
           f"load average at start {os.getloadavg()[0]:.2f}")
@@ -212,7 +221,8 @@ def main() -> None:
 
     projects = [args.workdir / f"project-{name.replace(' ', '')}" for name, _ in cases]
     if args.sweep_only:
-        sample_sweep(projects[0], args.sample_sweep or [32], args.model_type, args.vocab_size, args.layout)
+        sample_sweep(projects[0], args.sample_sweep or [32], args.model_type, args.vocab_size,
+                     args.whitespace_pieces)
         return
     print(f"\n| corpus | stage | wall s | text MB | MB/s | peak RSS MB | vs limit |\n|---|---|---:|---:|---:|---:|---:|")
     for (name, source), project in zip(cases, projects):
@@ -230,7 +240,7 @@ def main() -> None:
               f"| | {limit:.2f} | | 100% |")
         sys.stdout.flush()
     if args.sample_sweep:
-        sample_sweep(projects[0], args.sample_sweep, args.model_type, args.vocab_size, args.layout)
+        sample_sweep(projects[0], args.sample_sweep, args.model_type, args.vocab_size, args.whitespace_pieces)
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
 
 
