@@ -45,7 +45,7 @@ class DataParams(Section):
     test_max_bytes: Annotated[int, Field(ge=0)] = 10_000_000  # 0: no cap; the same rule for test
     min_doc_chars: Annotated[int, Field(ge=1)] = 1
     keep_layout: bool = False  # keep newlines and indentation (code, poetry); false: every whitespace run is one space
-    max_documents: Annotated[int, Field(ge=0)] = 0  # read only the first N documents of the source (a quick try); 0: all
+    max_documents: Annotated[int, Field(ge=0)] = 0  # read only the first N documents of the source; 0: all
     timeout_s: Annotated[float, Field(gt=0)] = 30.0
     retries: Annotated[int, Field(ge=0, le=20)] = 3
     max_bytes: PositiveInt = 2_000_000_000

@@ -237,7 +237,7 @@ def _encoded(sp: spm.SentencePieceProcessor, batches: Iterable[Batch],
                 ids.cancel()
 
 
-def _encode_split(sp: spm.SentencePieceProcessor, txt: Path, out: Path, num_threads: int, digest,
+def encode_split(sp: spm.SentencePieceProcessor, txt: Path, out: Path, num_threads: int, digest,
                   escaped: bool, dtype: np.dtype, advance: Callable[[int], object]) -> dict:
     """Write one split's tokens to `out`; `digest` sees every token byte written."""
     is_byte = np.array([sp.is_byte(i) for i in range(sp.get_piece_size())])
@@ -278,7 +278,7 @@ def encode_splits(model_path: Path, prepared_dir: Path, tokens_dir: Path, num_th
     digest = hashlib.sha256()
     total = sum((prepared_dir / f"{s}.txt").stat().st_size for s in SPLITS)
     with tqdm(total=total, unit="B", unit_scale=True, desc="encode", disable=not progress) as bar:
-        splits = {s: _encode_split(sp, prepared_dir / f"{s}.txt", tokens_dir / f"{s}.bin", num_threads, digest,
+        splits = {s: encode_split(sp, prepared_dir / f"{s}.txt", tokens_dir / f"{s}.bin", num_threads, digest,
                                    escaped, dtype, bar.update)
                   for s in SPLITS}
     header = dict(dtype=dtype.name, vocab_size=vocab_size, eos_id=EOS_ID, bos_id=BOS_ID,
