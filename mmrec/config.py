@@ -32,6 +32,7 @@ class Section(BaseModel):
 PositiveInt = Annotated[int, Field(gt=0)]
 GROWTH_SPLIT = 0.5  # spread of the uneven shares that break the symmetry of width growth (growth.py)
 Fraction = Annotated[float, Field(gt=0, lt=0.5)]
+MAX_VOCAB = 1 << 20  # SentencePiece pieces; ids above 65535 make the token files uint32
 
 
 class DataParams(Section):
@@ -41,7 +42,11 @@ class DataParams(Section):
     group_by: list[str] = ["book", "chapter"]  # jsonl/parquet: consecutive records sharing these form one document
     val_fraction: Fraction = 0.05
     test_fraction: Fraction = 0.05
+    val_max_bytes: Annotated[int, Field(ge=0)] = 10_000_000  # 0: no cap; over it, the highest-hash val documents train
+    test_max_bytes: Annotated[int, Field(ge=0)] = 10_000_000  # 0: no cap; the same rule for test
     min_doc_chars: Annotated[int, Field(ge=1)] = 1
+    keep_layout: bool = False  # keep newlines and indentation (code, poetry); false: every whitespace run is one space
+    max_documents: Annotated[int, Field(ge=0)] = 0  # read only the first N documents of the source; 0: all
     timeout_s: Annotated[float, Field(gt=0)] = 30.0
     retries: Annotated[int, Field(ge=0, le=20)] = 3
     max_bytes: PositiveInt = 2_000_000_000
@@ -61,13 +66,14 @@ class DataParams(Section):
 
 
 class TokenizerParams(Section):
-    vocab_size: Annotated[int, Field(ge=100, le=65535)] = 5000  # uint16 token files
+    vocab_size: Annotated[int, Field(ge=100, le=MAX_VOCAB)] = 5000  # above 65536 the token files are uint32
     model_type: Literal["bpe", "unigram"] = "bpe"
     character_coverage: Annotated[float, Field(gt=0.9, le=1.0)] = 1.0
     byte_fallback: bool = True
     split_digits: bool = True
+    allow_whitespace_only_pieces: bool = False  # pieces made of spaces only: indentation (with data.keep_layout)
     num_threads: Annotated[int, Field(ge=1, le=256)] = 2  # training threads: fixed so spm.model is identical on a rerun
-    input_sentence_size: Annotated[int, Field(ge=0)] = 0  # 0: use every train line
+    sample_bytes: PositiveInt = 32_000_000  # train text SentencePiece learns from (seeded sample): bounds its memory
 
 
 class ModelParams(Section):
