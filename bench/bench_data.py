@@ -231,7 +231,7 @@ def main() -> None:
         sample_sweep(projects[0], args.sample_sweep or [32], args.model_type, args.vocab_size,
                      args.whitespace_pieces)
         return
-    print(f"\n| corpus | stage | wall s | text MB | MB/s | peak RSS MB | vs limit |\n|---|---|---:|---:|---:|---:|---:|")
+    print("\n| corpus | stage | wall s | text MB | MB/s | peak RSS MB | vs limit |\n|---|---|---:|---:|---:|---:|---:|")
     for (name, source), project in zip(cases, projects):
         rows = bench(source, project, args)
         limit = rows[-1]["limit"]

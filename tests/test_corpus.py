@@ -543,6 +543,7 @@ def test_parallel_cleaning_writes_the_same_bytes_as_serial(tmp_path, monkeypatch
     parallel = build_corpus(data, root=tmp_path / "parallel", workers=2)
     assert outputs(tmp_path / "serial") == outputs(tmp_path / "parallel")
     assert serial["duplicates_dropped"] == len(texts[::7]) and serial["short_dropped"] == 5
+    assert {k: v for k, v in parallel.items() if k != "seconds"} == {k: v for k, v in serial.items() if k != "seconds"}
     speed = json.loads((tmp_path / "parallel/metrics/speed/download.json").read_text())
     assert speed["workers"] == 2 and speed["worker_peak_rss_mb"] > 0 and speed["mb_per_s"] > 0
 
