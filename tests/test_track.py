@@ -1,22 +1,25 @@
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 
 import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from mmrec import pipeline_run, store, track
+from mmrec import pipeline_run, store, store_location, track
 from mmrec.config import MlflowParams
+from tests.conftest import REPO
 
 
 def test_relative_store_resolves_against_dvc_root(tmp_path, monkeypatch):
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    monkeypatch.setattr(store, "USER_TRACKING_URI", None)
+    monkeypatch.setattr(store_location, "USER_TRACKING_URI", None)
     assert store.tracking_uri(MlflowParams()) == f"sqlite:///{tmp_path}/mlflow.db"
     assert store.artifact_location(MlflowParams()) == (tmp_path / "mlruns").as_uri()
-    monkeypatch.setattr(store, "USER_TRACKING_URI", "http://mlflow.example:5000")
+    monkeypatch.setattr(store_location, "USER_TRACKING_URI", "http://mlflow.example:5000")
     assert store.tracking_uri(MlflowParams()) == "http://mlflow.example:5000"
 
 
