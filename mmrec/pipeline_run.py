@@ -20,15 +20,15 @@ from mlflow import MlflowClient
 from mlflow.entities import DatasetInput
 
 from mmrec.config import PARAMS_FILE, Params, flatten
-from mmrec.procs import owner
+from mmrec.procs import identity, owner
 from mmrec.store import Store, experiment_id
 from mmrec.track import OWNER_TAG, Run, context_tags, git, git_commit, split_datasets
 
 
-def dvc_execution() -> str:
-    """procs.owner() of the nearest `dvc` process above this one: every stage of one `dvc repro`, `dvc exp run`
-    or queued experiment (`dvc exp exec-run`, one per experiment under `dvc queue start -j N`) shares it, and
-    two executions never do. '' when no dvc process started us (a stage run by hand)."""
+def dvc_process() -> int | None:
+    """The pid of the nearest `dvc` process above this one: the one that runs every stage of a `dvc repro`,
+    `dvc exp run` or queued experiment (`dvc exp exec-run`, one per experiment under `dvc queue start -j N`).
+    None when no dvc process started us (a stage run by hand)."""
     import psutil
 
     try:
@@ -36,12 +36,18 @@ def dvc_execution() -> str:
         while proc is not None:
             cmd = proc.cmdline()
             if any(Path(a).name == "dvc" for a in cmd[:2]) or cmd[1:3] == ["-m", "dvc"]:
-                # not psutil's create_time(): boot time + start ticks, and boot time moves with the wall clock
-                return owner(proc.pid)
+                return proc.pid
             proc = proc.parent()
     except psutil.Error:
         pass
-    return ""
+    return None
+
+
+def dvc_execution() -> str:
+    """procs.identity() of the dvc process (not psutil's create_time(), which is boot time + start ticks, and boot
+    time moves with the wall clock): every stage of one execution shares it, two never do. '' by hand."""
+    dvc = dvc_process()
+    return identity(dvc) if dvc else ""
 
 
 def pipeline_key(params: Params, execution: str | None = None) -> str:
@@ -110,8 +116,8 @@ def pipeline_run(params: Params, label: str, inputs: list[DatasetInput]) -> str:
     store = Store(params.mlflow)
     c = store.client
     exp_id = store.call(experiment_id, c, params.mlflow)
-    execution = dvc_execution()
-    key = pipeline_key(params, execution)
+    dvc = dvc_process()
+    key = pipeline_key(params, identity(dvc) if dvc else "")
     with store_lock(store.uri):
         found = store.call(c.search_runs, [exp_id], filter_string=f"tags.`mmrec.pipeline` = '{key}'", max_results=1)
         if found:
@@ -119,7 +125,7 @@ def pipeline_run(params: Params, label: str, inputs: list[DatasetInput]) -> str:
         exp = os.environ.get("DVC_EXP_NAME")
         base = f"pipeline · {label}" + (f" · {exp}" if exp else "")
         tags = {**context_tags(), "mmrec.pipeline": key, "mmrec.name_base": name_tag(base), "kind": "pipeline",
-                OWNER_TAG: execution or owner()}
+                OWNER_TAG: owner(dvc)}  # the dvc process (or, by hand, this stage)
         run = store.call(c.create_run, exp_id, run_name=store.call(unique_name, c, exp_id, base), tags=tags)
     parent = Run(store, run.info.run_id)
     parent.log_params(params.flat())

@@ -41,13 +41,12 @@ def _start_elsewhere(pid: int) -> int | None:
 
 
 @lru_cache(maxsize=1)
-def _machine() -> str:
-    """This machine in this boot: a reboot ends every process, and tick counts start again from zero."""
+def _boot() -> str:
+    """This boot of this machine (a random id): a reboot ends every process, and tick counts start again."""
     try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
-        boot = "-"
-    return f"{socket.gethostname()}/{boot}"
+        return "-"  # no procfs: the start times are wall-clock times, fixed when each process starts
 
 
 def stamp(pid: int | None = None) -> str:
@@ -56,9 +55,15 @@ def stamp(pid: int | None = None) -> str:
     return f"{pid}.{start_ticks(pid)}"
 
 
+def identity(pid: int | None = None) -> str:
+    """'<boot id>/<pid>.<start>': one process among all machines and boots, and nothing about it that changes
+    while it runs (unlike the host name, which a laptop's changes with its network)."""
+    return f"{_boot()}/{stamp(pid)}"
+
+
 def owner(pid: int | None = None) -> str:
-    """'<host>/<boot id>/<pid>.<start>': a process among every machine that shares a store."""
-    return f"{_machine()}/{stamp(pid)}"
+    """'<host>/<boot id>/<pid>.<start>': a process, and the machine that alone can tell whether it still runs."""
+    return f"{socket.gethostname()}/{identity(pid)}"
 
 
 def alive(stamp_or_pid: str) -> bool:
@@ -73,8 +78,8 @@ def alive(stamp_or_pid: str) -> bool:
 
 def owner_alive(owner_: str) -> bool | None:
     """Whether the process an owner() names still runs; None when it ran on another machine (only it can tell)."""
-    machine, _, pid_start = owner_.rpartition("/")
-    host, _, _ = machine.partition("/")
+    host, _, rest = owner_.partition("/")
+    boot, _, pid_start = rest.rpartition("/")
     if host != socket.gethostname():
         return None
-    return machine == _machine() and alive(pid_start)
+    return boot == _boot() and alive(pid_start)

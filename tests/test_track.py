@@ -192,7 +192,7 @@ def test_a_dead_attempts_run_ends_killed_with_its_pipeline_run_and_a_live_ones_r
 def test_the_pipeline_key_survives_a_step_of_the_wall_clock(tmp_path):
     """psutil's create_time() is boot time + start ticks, and Linux derives boot time (/proc/stat btime) from the
     wall clock: an NTP step or a VM resumed from a snapshot moves it by whole seconds between two stages of one
-    `dvc repro`. The key must not move with it."""
+    `dvc repro`. The key must not move with it, nor with the host name."""
     from tests.conftest import tiny_params
 
     params = tiny_params(tmp_path)
@@ -205,7 +205,9 @@ def test_the_pipeline_key_survives_a_step_of_the_wall_clock(tmp_path):
              "before = pipeline_key(params)\n"
              "boot_time = linux.boot_time\n"
              "linux.boot_time = lambda: boot_time() + 1.0  # the wall clock stepped by a second\n"
-             "print(before, pipeline_key(params))\n")
+             "stepped = pipeline_key(params)\n"
+             "import socket; socket.gethostname = lambda: 'renamed'  # a laptop that joined another network\n"
+             "print(before, stepped, pipeline_key(params))\n")
     out = subprocess.run([sys.executable, str(tmp_path / "dvc"), sys.executable, "-c", stage], capture_output=True,
                          text=True, check=True, cwd=tmp_path).stdout.split()
-    assert len(out) == 2 and out[0] == out[1]
+    assert len(out) == 3 and out[0] == out[1] == out[2]
