@@ -67,7 +67,7 @@ def owner(pid: int | None = None) -> str:
 
 
 def alive(stamp_or_pid: str) -> bool:
-    """Whether the process a stamp() names still runs. A bare pid (an older name) is alive when any process holds it."""
+    """Whether the process a stamp() names still runs (a bare pid, from older names: whether any process has it)."""
     pid, _, start = stamp_or_pid.partition(".")
     try:
         now = start_ticks(int(pid))

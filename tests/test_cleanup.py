@@ -27,7 +27,7 @@ def test_the_temps_of_dead_writers_go_and_nothing_else(tmp_path):
     for name in gone + kept:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("x")
-    lines = cleanup.clean_up(tiny_params(tmp_path), tmp_path)  # no store yet: MLflow is not even imported
+    lines = cleanup.clean_up(tiny_params(tmp_path), tmp_path)  # (no store yet: nothing to end there)
     assert sorted(lines) == sorted(f"removed {Path(name).parent if '.tmp-' in name or '.old-' in name else name} "
                                    "(its writer is gone)" for name in gone)
     assert all((tmp_path / name).exists() for name in kept) and not any((tmp_path / n).exists() for n in gone)
