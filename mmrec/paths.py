@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SPLITS = ("train", "val", "test")
+DATA, MODELS = Path("data"), Path("models")  # every stage's outputs live under these and METRICS (and checkpoints/)
 PARAMS_OK = Path("data/params.ok")  # written by the validate stage; every stage depends on it
 RAW = Path("data/raw")
 PREPARED = Path("data/prepared")

@@ -3,8 +3,8 @@
 The rung runs of one pipeline execution (`dvc repro`, one `dvc exp run`, one queued experiment) nest
 under a parent run that carries the headline: best test bits per byte and the champion rung. Stages
 are separate processes, so each finds its parent by a key that is the same for every stage of one
-execution and differs between executions: the DVC experiment name, its baseline commit, the params
-digest, and the dvc process that runs the stages (see `pipeline_key`).
+execution and differs between executions: the dvc process that runs the stages, named so that neither
+pid reuse nor a step of the wall clock can change it (see `dvc_execution`, `pipeline_key`).
 """
 from __future__ import annotations
 
@@ -20,14 +20,15 @@ from mlflow import MlflowClient
 from mlflow.entities import DatasetInput
 
 from mmrec.config import PARAMS_FILE, Params, flatten
-from mmrec.store import Store, experiment_id, faults_as_errors
-from mmrec.track import Run, context_tags, git, git_commit, split_datasets
+from mmrec.procs import identity, owner
+from mmrec.store import Store, experiment_id
+from mmrec.track import OWNER_TAG, Run, context_tags, git, git_commit, split_datasets
 
 
-def dvc_execution() -> str:
-    """'<pid>:<start time>' of the nearest `dvc` process above this one: every stage of one `dvc repro`,
-    `dvc exp run` or queued experiment (`dvc exp exec-run`, one per experiment under `dvc queue start -j N`)
-    shares it, and two executions never do. '' when no dvc process started us (a stage run by hand)."""
+def dvc_process() -> int | None:
+    """The pid of the nearest `dvc` process above this one: the one that runs every stage of a `dvc repro`,
+    `dvc exp run` or queued experiment (`dvc exp exec-run`, one per experiment under `dvc queue start -j N`).
+    None when no dvc process started us (a stage run by hand)."""
     import psutil
 
     try:
@@ -35,17 +36,28 @@ def dvc_execution() -> str:
         while proc is not None:
             cmd = proc.cmdline()
             if any(Path(a).name == "dvc" for a in cmd[:2]) or cmd[1:3] == ["-m", "dvc"]:
-                return f"{proc.pid}:{proc.create_time():.2f}"
+                return proc.pid
             proc = proc.parent()
     except psutil.Error:
         pass
-    return ""
+    return None
 
 
-def pipeline_key(params: Params) -> str:
-    """Equal for every stage of one pipeline execution, different for any two (see dvc_execution)."""
-    parts = [os.environ.get("DVC_EXP_NAME") or "workspace",
-             os.environ.get("DVC_EXP_BASELINE_REV") or git_commit(), params.digest(), dvc_execution()]
+def dvc_execution() -> str:
+    """procs.identity() of the dvc process (not psutil's create_time(), which is boot time + start ticks, and boot
+    time moves with the wall clock): every stage of one execution shares it, two never do. '' by hand."""
+    dvc = dvc_process()
+    return identity(dvc) if dvc else ""
+
+
+def pipeline_key(params: Params, execution: str | None = None) -> str:
+    """Equal for every stage of one pipeline execution, different for any two. Under dvc, the dvc process names
+    the execution (and nothing that can change while it runs, such as HEAD after a commit, takes part);
+    stages run by hand share one parent per experiment, commit and params."""
+    execution = dvc_execution() if execution is None else execution
+    exp = os.environ.get("DVC_EXP_NAME") or "workspace"
+    parts = [exp, execution] if execution else [exp, os.environ.get("DVC_EXP_BASELINE_REV") or git_commit(),
+                                                params.digest()]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
@@ -104,15 +116,17 @@ def pipeline_run(params: Params, label: str, inputs: list[DatasetInput]) -> str:
     store = Store(params.mlflow)
     c = store.client
     exp_id = store.call(experiment_id, c, params.mlflow)
-    key = pipeline_key(params)
-    with store_lock(store.uri), faults_as_errors(store.uri):
-        found = c.search_runs([exp_id], filter_string=f"tags.`mmrec.pipeline` = '{key}'", max_results=1)
+    dvc = dvc_process()
+    key = pipeline_key(params, identity(dvc) if dvc else "")
+    with store_lock(store.uri):
+        found = store.call(c.search_runs, [exp_id], filter_string=f"tags.`mmrec.pipeline` = '{key}'", max_results=1)
         if found:
             return found[0].info.run_id
         exp = os.environ.get("DVC_EXP_NAME")
         base = f"pipeline · {label}" + (f" · {exp}" if exp else "")
-        tags = {**context_tags(), "mmrec.pipeline": key, "mmrec.name_base": name_tag(base), "kind": "pipeline"}
-        run = c.create_run(exp_id, run_name=unique_name(c, exp_id, base), tags=tags)
+        tags = {**context_tags(), "mmrec.pipeline": key, "mmrec.name_base": name_tag(base), "kind": "pipeline",
+                OWNER_TAG: owner(dvc)}  # the dvc process (or, by hand, this stage)
+        run = store.call(c.create_run, exp_id, run_name=store.call(unique_name, c, exp_id, base), tags=tags)
     parent = Run(store, run.info.run_id)
     parent.log_params(params.flat())
     parent.log_inputs(inputs)

@@ -188,7 +188,7 @@ def publish(run, d: Decision, params: Params, paths: RungPaths) -> None:
     """Register the promoted checkpoint (once) and move its aliases; fills in d's registry fields."""
     from mmrec import registry, track
 
-    p, c, rung = params.promote, run.client, d.rung
+    p, c, rung = params.promote, run.store.waiting(), d.rung  # every registry call waits on a locked store
     name = d.registered_model = p.registered_model
     run_tags = c.get_run(run.id).data.tags
     tags = {"rung": rung, "test_bpb": repr(d.test_bpb), "gate_metric": d.metric, "dvc_exp_name": d.dvc_exp_name,

@@ -1,14 +1,16 @@
-"""The MLflow store: where it is (URI resolution), opening it, and its faults as one line each.
+"""The MLflow store: opening it, waiting on its lock, and its faults as one line each (where it is: store_location.py).
 
-Every call to the store goes through `Store.call`: a locked sqlite database is waited on with backoff up to
-mlflow.lock_timeout_s, and any other fault (unwritable artifact root, a file that is no database, a server
-that is down) becomes one `StoreError` line naming the store and what to do.
+Every call to the store goes through `Store.call`: a locked sqlite database is waited on with backoff for
+mlflow.lock_timeout_s in all, and any other fault (unwritable artifact root, a file that is no database, a
+server that is down) becomes one `StoreError` line naming the store and what to do.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -27,15 +29,13 @@ import mlflow  # noqa: E402
 from filelock import FileLock  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
+from sqlalchemy import event  # noqa: E402
+from sqlalchemy.engine import Engine  # noqa: E402
 from sqlalchemy.exc import SQLAlchemyError  # noqa: E402
 
 from mmrec.config import MlflowParams  # noqa: E402
 from mmrec.errors import UserError  # noqa: E402
-
-# The user's choice, read once: mlflow.set_tracking_uri() writes this variable itself, so reading it
-# later would return whatever store this process touched last.
-USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
-
+from mmrec.store_location import artifact_location, local_store, tracking_uri  # noqa: E402
 
 T = TypeVar("T")
 
@@ -47,24 +47,26 @@ class StoreError(UserError):
     """The tracking store cannot be opened or written: one line naming the store and what to do."""
 
 
-def repo_root() -> Path:
-    """The main repository: DVC's queued experiments run in a temporary copy but set DVC_ROOT to it."""
-    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+# MLflow makes sqlite itself wait up to 20 s for a lock inside every call (PRAGMA busy_timeout in each of its
+# sessions): under Store.call's backoff, that hid 20 s per try, unannounced, past mlflow.lock_timeout_s.
+# Once a process opens a Store, sqlite waits at most SQLITE_WAIT_S inside a call (brief locks of a writer
+# beside us pass unseen) and Store.call waits the rest, saying so, within the limit.
+SQLITE_WAIT_S = 1.0
+_sqlite_wait_ms: int | None = None  # None: MLflow's own wait (a process that opened no Store)
 
 
-def tracking_uri(params: MlflowParams) -> str:
-    """MLFLOW_TRACKING_URI wins; a relative sqlite path or directory resolves against the main repository."""
-    uri = USER_TRACKING_URI or params.tracking_uri
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{repo_root() / uri.removeprefix('sqlite:///')}"
-    if "://" not in uri:
-        return str(repo_root() / uri)
-    return uri
+@event.listens_for(Engine, "connect")
+def _sqlite_wait_on_connect(dbapi_conn: Any, _record: Any) -> None:
+    if _sqlite_wait_ms is not None and isinstance(dbapi_conn, sqlite3.Connection):
+        dbapi_conn.execute(f"PRAGMA busy_timeout = {_sqlite_wait_ms}")
 
 
-def artifact_location(params: MlflowParams) -> str:
-    root = params.artifact_root
-    return root if "://" in root else (repo_root() / root).as_uri()
+@event.listens_for(Engine, "before_cursor_execute", retval=True)
+def _sqlite_wait_in_sessions(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any,
+                             _executemany: bool) -> tuple[str, Any]:
+    if _sqlite_wait_ms is not None and statement.startswith("PRAGMA busy_timeout"):
+        statement = f"PRAGMA busy_timeout = {_sqlite_wait_ms};"
+    return statement, parameters
 
 
 def _locked(err: BaseException) -> bool:
@@ -100,10 +102,13 @@ def describe(err: BaseException, store: str) -> str:
 
 class Store:
     """Every call to the tracking store goes through `call`: a locked sqlite database is waited on with
-    backoff up to mlflow.lock_timeout_s; any other fault becomes one StoreError line."""
+    backoff for mlflow.lock_timeout_s in all; any other fault becomes one StoreError line."""
 
     def __init__(self, params: MlflowParams):
+        global _sqlite_wait_ms
         self.uri, self.wait_s = tracking_uri(params), params.lock_timeout_s
+        self.sqlite_wait_s = min(SQLITE_WAIT_S, self.wait_s)
+        _sqlite_wait_ms = round(1000 * self.sqlite_wait_s)
         self.client = self.call(self._open)
 
     def _open(self) -> MlflowClient:
@@ -119,25 +124,51 @@ class Store:
             return c
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        deadline, delay = None, 1.0
+        """fn(*args, **kwargs), waiting on a locked store (see `waited`); any other fault becomes one StoreError
+        line, except a missing run, which callers handle."""
+        try:
+            return self.waited(fn, *args, **kwargs)
+        except STORE_FAULTS as err:
+            if _missing_run(err):
+                raise
+            raise StoreError(describe(err, self.uri)) from None
+
+    def waited(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """fn(*args, **kwargs), tried again with backoff while the store is locked, until mlflow.lock_timeout_s
+        has passed since the first try (sqlite's own wait inside each try counted in). Other faults propagate."""
+        start, delay, announced = time.monotonic(), 1.0, False
         while True:
             try:
                 return fn(*args, **kwargs)
             except STORE_FAULTS as err:
-                if _missing_run(err):
-                    raise
                 if not _locked(err):
-                    raise StoreError(describe(err, self.uri)) from None
-                now = time.monotonic()
-                if deadline is None:
-                    deadline = now + self.wait_s
-                    print(f"waiting for the MLflow store {self.uri}: locked by another process "
-                          f"(up to {self.wait_s:.0f}s, mlflow.lock_timeout_s)", file=sys.stderr, flush=True)
-                if now + delay > deadline:
-                    raise StoreError(f"MLflow store {self.uri}: still locked by another process after "
-                                     f"{self.wait_s:.0f}s; let it finish or raise mlflow.lock_timeout_s") from None
-                time.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                    raise
+            waited = time.monotonic() - start
+            if waited >= self.wait_s:
+                raise StoreError(f"MLflow store {self.uri}: still locked by another process after {waited:.0f}s; "
+                                 f"let it finish or raise mlflow.lock_timeout_s ({self.wait_s:g})")
+            if not announced:
+                print(f"waiting for the MLflow store {self.uri}: locked by another process "
+                      f"(up to {self.wait_s:.0f}s, mlflow.lock_timeout_s)", file=sys.stderr, flush=True)
+                announced = True
+            time.sleep(max(0.05, min(delay, self.wait_s - waited - self.sqlite_wait_s)))  # the next try ends in time
+            delay = min(delay * 2, 10.0)
+
+    def waiting(self) -> "WaitingClient":
+        """The client, each of whose calls waits on a locked store: for code that talks to MLflow directly and
+        handles MLflow's errors itself (the registry's, under faults_as_errors)."""
+        return WaitingClient(self)
+
+
+class WaitingClient:
+    """An MlflowClient whose every method waits on a locked store through Store.waited."""
+
+    def __init__(self, store: Store):
+        self._store = store
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._store.client, name)
+        return functools.partial(self._store.waited, attr) if callable(attr) else attr
 
 
 def client(params: MlflowParams) -> MlflowClient:
@@ -188,17 +219,6 @@ def experiment_id(c: MlflowClient, params: MlflowParams) -> str:
         if exp is None:
             raise err
         return exp.experiment_id
-
-
-def local_store(uri: str) -> Path | None:
-    """The file or folder a local tracking URI points at (None for a server): MLflow creates it when it is missing."""
-    if uri.startswith("sqlite:///"):
-        return Path(uri.removeprefix("sqlite:///"))
-    if uri.startswith("file:"):
-        from urllib.parse import urlparse
-
-        return Path(urlparse(uri).path)
-    return None if "://" in uri else Path(uri)
 
 
 def store_settings(tracking_uri_flag: str | None, experiment_flag: str | None) -> tuple[str, str]:

@@ -31,6 +31,7 @@ from mmrec.config import DataParams, MlflowParams  # noqa: E402
 from mmrec.errors import UserError  # noqa: E402
 from mmrec.files import dvc_fix, load_json  # noqa: E402
 from mmrec.paths import SPLITS  # noqa: E402
+from mmrec.procs import owner, owner_alive  # noqa: E402
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 
@@ -134,6 +135,14 @@ def split_datasets(data: DataParams, tokens_dir: Path) -> list[DatasetInput]:
 
 
 PARENT_TAG = "mlflow.parentRunId"  # MLflow nests a run under the run this tag names
+# procs.owner() of the process a run is RUNNING in (for a pipeline's run, its dvc process), or that logged a
+# model: once that process is gone, the run or model is a dead attempt's (see close_abandoned).
+OWNER_TAG = "mmrec.owner"
+
+
+def dead(tags: dict[str, str]) -> bool:
+    """Whether the owner these tags name is gone (False when it is alive, unknown, or on another machine)."""
+    return OWNER_TAG in tags and owner_alive(tags[OWNER_TAG]) is False
 
 
 class Run:
@@ -150,7 +159,7 @@ class Run:
     @classmethod
     def start(cls, params: MlflowParams, name: str, tags: dict[str, str], *, parent_id: str | None = None) -> "Run":
         store = Store(params)
-        tags = {**context_tags(), **tags, **({PARENT_TAG: parent_id} if parent_id else {})}
+        tags = {**context_tags(), **tags, OWNER_TAG: owner(), **({PARENT_TAG: parent_id} if parent_id else {})}
         exp = store.call(experiment_id, store.client, params)
         run = store.call(store.client.create_run, exp, run_name=name, tags=tags)
         if parent_id:
@@ -165,6 +174,7 @@ class Run:
         at steps the run already holds, so a resumed training logs nothing twice."""
         store = Store(params)
         try:
+            store.call(store.client.set_tag, run_id, OWNER_TAG, owner())  # RUNNING in this process from now on
             store.call(store.client.update_run, run_id, status="RUNNING")
         except MlflowException as err:
             if not _missing_run(err):
@@ -184,6 +194,7 @@ class Run:
             run._logged = {key: max((m.step for m in store.call(store.client.get_metric_history, run_id, key)),
                                     default=-1) for key in data.metrics}
         return run.watch_system(params, resume=True) if system_metrics else run
+
     def watch_system(self, params: MlflowParams, resume: bool = False) -> "Run":
         """Start MLflow's system-metrics monitor (`mlflow.system_metrics: false` turns it off). It samples
         every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (10 by default)."""
@@ -204,8 +215,8 @@ class Run:
         monitor.finish()
         # a run shorter than one sampling interval would have no sample at all: log the one in hand
         monitor.collect_metrics()
-        monitor.publish_metrics(monitor.aggregate_metrics())
-        monitor.mlflow_logger.flush()
+        self.store.call(monitor.publish_metrics, monitor.aggregate_metrics())
+        self.store.call(monitor.mlflow_logger.flush)
 
     def log_params(self, flat: dict[str, Any]) -> None:
         items = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in sorted(flat.items())]
@@ -271,16 +282,58 @@ def closed_on_failure(run: Run | None) -> Iterator[Run | None]:
         raise
 
 
-def close_abandoned(params: MlflowParams, rung: str) -> None:
-    """Mark KILLED the RUNNING runs of `rung` that an earlier, killed process in this workspace left behind
-    (it died before its first checkpoint, so nothing resumes them)."""
+def close_abandoned(params: MlflowParams, rung: str | None = None) -> list[str]:
+    """End the runs of dead attempts (of `rung`, or of every rung): a RUNNING run whose process is gone ends
+    KILLED, and so does the pipeline run of a dvc process that is gone; each pipeline run touched is refreshed
+    (FAILED once none of its rungs runs). Runs of live processes, or of other machines, are left alone.
+    Returns the names of the runs it ended."""
     store = Store(params)
     exp = store.call(store.client.get_experiment_by_name, params.experiment)
     if exp is None:
-        return
-    query = (f"tags.rung = '{rung}' and tags.workspace = '{workspace()}' and attributes.status = 'RUNNING'")
-    for r in store.call(store.client.search_runs, [exp.experiment_id], query):
-        store.call(store.client.set_terminated, r.info.run_id, "KILLED")
+        return []
+    query = "attributes.status = 'RUNNING'" + (f" and tags.rung = '{rung}'" if rung else "")
+    running = store.call(store.client.search_runs, [exp.experiment_id], query, max_results=10000)
+    ended, parents = [], set()
+    for r in running:
+        tags = r.data.tags
+        if tags.get("kind") == "pipeline":
+            if dead(tags):
+                parents.add(r.info.run_id)
+        elif dead(tags) or (OWNER_TAG not in tags and tags.get("workspace") == workspace()):  # (older runs: no owner)
+            store.call(store.client.set_terminated, r.info.run_id, "KILLED")
+            ended.append(r.info.run_name)
+            if tags.get(PARENT_TAG):
+                parents.add(tags[PARENT_TAG])
+    for parent in parents:
+        if store.call(refresh_pipeline, store.client, parent) != "RUNNING":
+            ended.append(store.call(store.client.get_run, parent).info.run_name)
+    return ended
+
+
+def drop_orphan_models(params: MlflowParams) -> list[str]:
+    """Delete the logged models (and their weights) that a dead process logged but that no registered version
+    points at: a promote killed while it registered leaves one behind. Returns their ids."""
+    store = Store(params)
+    exp = store.call(store.client.get_experiment_by_name, params.experiment)
+    if exp is None:
+        return []
+    ours = store.call(store.client.search_logged_models, [exp.experiment_id], filter_string=f"tags.`{OWNER_TAG}` != ''",
+                      order_by=[{"field_name": "creation_timestamp", "ascending": False}], max_results=1000)  # newest
+    orphans = [m for m in ours if dead(m.tags)]
+    if not orphans:
+        return []
+    versions = store.call(store.client.search_model_versions, max_results=10000)
+    pointed = {v.model_id for v in versions} | {v.source.removeprefix("models:/") for v in versions}
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    dropped = []
+    for m in orphans:
+        if m.model_id in pointed:
+            continue
+        store.call(get_artifact_repository(m.artifact_location).delete_artifacts)
+        store.call(store.client.delete_logged_model, m.model_id)
+        dropped.append(m.model_id)
+    return dropped
 
 
 def test_metric_names(metrics: dict[str, float]) -> dict[str, float]:
@@ -289,9 +342,10 @@ def test_metric_names(metrics: dict[str, float]) -> dict[str, float]:
     return {f"test/{k.removeprefix('test_')}": float(v) for k, v in metrics.items()}
 
 
-def refresh_pipeline(c: MlflowClient, parent_id: str) -> None:
+def refresh_pipeline(c: MlflowClient, parent_id: str) -> str:
     """Put the headline of a pipeline's rungs on its parent run: best test bits per byte (full context), the
-    rung that became champion (if any did), and a status that is RUNNING while any rung runs. Missing figures are skipped."""
+    rung that became champion (if any did), and a status that is RUNNING while any rung runs (before the first,
+    while its dvc process runs). Missing figures are skipped. Returns the status it leaves."""
     parent = c.get_run(parent_id)
     children = c.search_runs([parent.info.experiment_id], filter_string=f"tags.{PARENT_TAG} = '{parent_id}'",
                              max_results=1000)
@@ -315,9 +369,15 @@ def refresh_pipeline(c: MlflowClient, parent_id: str) -> None:
     c.log_batch(parent_id, metrics=[Metric(k, v, ts, 0) for k, v in metrics.items()],
                 tags=[RunTag(k, str(v)) for k, v in tags.items()])
     statuses = {r.info.status for r in children}
-    if "RUNNING" in statuses:
-        return
-    c.set_terminated(parent_id, "FAILED" if statuses & {"FAILED", "KILLED"} else "FINISHED")
+    if not children:  # no rung started yet: it runs as long as its dvc process does
+        status = "KILLED" if dead(parent.data.tags) else parent.info.status
+    elif "RUNNING" in statuses:
+        status = "RUNNING"
+    else:
+        status = "FAILED" if statuses & {"FAILED", "KILLED"} else "FINISHED"
+    if status not in ("RUNNING", parent.info.status):
+        c.set_terminated(parent_id, status)
+    return status
 
 
 # Reading runs back, for `python -m mmrec.compare`.

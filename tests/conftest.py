@@ -183,3 +183,31 @@ def tiny_params(root: Path, **sections):
     raw = deep_merge(TINY_PARAMS, {"mlflow": {"tracking_uri": f"sqlite:///{root}/mlflow.db",
                                               "artifact_root": str(root / "mlruns")}})
     return parse_params(deep_merge(raw, sections))
+
+
+ONE_RUNG = {"ladder": {"tiny": {"width": 32, "layers": 1, "memories": 2, "after": "data/tokens"}}}
+
+
+def ran(output: str) -> list[str]:
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
+
+
+def edit_params(root: Path, edit) -> str:
+    """Apply `edit` to params.yaml; return the text it had, to put back."""
+    path = root / "params.yaml"
+    before = path.read_text()
+    params = yaml.safe_load(before)
+    edit(params)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return before
+
+
+@pytest.fixture
+def tokenized_project(project):
+    root, set_params = project
+    set_params(**ONE_RUNG)
+    dvc(root, "repro", "tokenizer")
+    from mlflow import MlflowClient
+
+    MlflowClient(f"sqlite:///{root}/mlflow.db").search_experiments()  # an initialised store
+    return root

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import kill_tree, run, start_server
-from tests.test_reliability import ONE_RUNG, wait_for
+from tests.conftest import ONE_RUNG, kill_tree, run, start_server
+from tests.test_reliability import wait_for
 
 
 class Server:

@@ -1,22 +1,25 @@
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 
 import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from mmrec import pipeline_run, store, track
+from mmrec import pipeline_run, store, store_location, track
 from mmrec.config import MlflowParams
+from tests.conftest import REPO
 
 
 def test_relative_store_resolves_against_dvc_root(tmp_path, monkeypatch):
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    monkeypatch.setattr(store, "USER_TRACKING_URI", None)
+    monkeypatch.setattr(store_location, "USER_TRACKING_URI", None)
     assert store.tracking_uri(MlflowParams()) == f"sqlite:///{tmp_path}/mlflow.db"
     assert store.artifact_location(MlflowParams()) == (tmp_path / "mlruns").as_uri()
-    monkeypatch.setattr(store, "USER_TRACKING_URI", "http://mlflow.example:5000")
+    monkeypatch.setattr(store_location, "USER_TRACKING_URI", "http://mlflow.example:5000")
     assert store.tracking_uri(MlflowParams()) == "http://mlflow.example:5000"
 
 
@@ -149,3 +152,62 @@ def test_a_server_that_dies_in_the_middle_of_a_reply_reads_as_unreachable(monkey
     assert "Connection broken" in str(caught.value)
     line = store.describe(caught.value, uri)
     assert line.startswith(f"MLflow store {uri}: unreachable") and "rerun `dvc repro`" in line
+
+
+def run_and_die(params: MlflowParams, parent: str, rung: str, *, linger: bool = False) -> subprocess.Popen:
+    """A process that opens a rung run under `parent`, then dies without ending it (or, with linger, lives on
+    until its stdin closes): the run of a killed stage."""
+    code = (f"import os, sys; sys.path.insert(0, {str(REPO)!r})\n"
+            "from mmrec.config import MlflowParams; from mmrec.track import Run\n"
+            f"params = MlflowParams(**{params.model_dump()!r})\n"
+            f"run = Run.start(params, {rung!r}, {{'rung': {rung!r}}}, parent_id={parent!r})\n"
+            "print(run.id, flush=True)\n"
+            + ("sys.stdin.read()\n" if linger else "os._exit(0)\n"))
+    return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def test_a_dead_attempts_run_ends_killed_with_its_pipeline_run_and_a_live_ones_runs_on(tmp_path):
+    params = MlflowParams(tracking_uri=f"sqlite:///{tmp_path}/m.db", artifact_root=str(tmp_path / "mlruns"),
+                          system_metrics=False)
+    c = store.client(params)
+    parent = c.create_run(store.experiment_id(c, params), run_name="pipeline", tags={"kind": "pipeline"}).info.run_id
+    dead = run_and_die(params, parent, "tiny")
+    dead_id = dead.stdout.readline().strip()
+    dead.wait()
+    other = c.create_run(store.experiment_id(c, params), run_name="pipeline 2", tags={"kind": "pipeline"}).info.run_id
+    live = run_and_die(params, other, "tiny", linger=True)  # a queued experiment training beside us
+    live_id = live.stdout.readline().strip()
+    try:
+        assert c.get_run(dead_id).info.status == "RUNNING" and c.get_run(parent).info.status == "RUNNING"
+        ended = track.close_abandoned(params, "tiny")
+        assert c.get_run(dead_id).info.status == "KILLED"
+        assert c.get_run(parent).info.status == "FAILED"  # refreshed: none of its rungs runs any more
+        assert c.get_run(live_id).info.status == "RUNNING" and c.get_run(other).info.status == "RUNNING"
+        assert ended == ["tiny", "pipeline"]
+    finally:
+        live.stdin.close()
+        live.wait()
+
+
+def test_the_pipeline_key_survives_a_step_of_the_wall_clock(tmp_path):
+    """psutil's create_time() is boot time + start ticks, and Linux derives boot time (/proc/stat btime) from the
+    wall clock: an NTP step or a VM resumed from a snapshot moves it by whole seconds between two stages of one
+    `dvc repro`. The key must not move with it, nor with the host name."""
+    from tests.conftest import tiny_params
+
+    params = tiny_params(tmp_path)
+    (tmp_path / "dvc").write_text("import subprocess, sys\nsys.exit(subprocess.call(sys.argv[1:]))\n")  # a dvc process
+    stage = (f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
+             "import psutil._pslinux as linux\n"
+             "from mmrec.config import parse_params; from mmrec.pipeline_run import dvc_execution, pipeline_key\n"
+             f"params = parse_params({params.model_dump()!r})\n"
+             "assert dvc_execution(), 'no dvc process found above the stage'\n"
+             "before = pipeline_key(params)\n"
+             "boot_time = linux.boot_time\n"
+             "linux.boot_time = lambda: boot_time() + 1.0  # the wall clock stepped by a second\n"
+             "stepped = pipeline_key(params)\n"
+             "import socket; socket.gethostname = lambda: 'renamed'  # a laptop that joined another network\n"
+             "print(before, stepped, pipeline_key(params))\n")
+    out = subprocess.run([sys.executable, str(tmp_path / "dvc"), sys.executable, "-c", stage], capture_output=True,
+                         text=True, check=True, cwd=tmp_path).stdout.split()
+    assert len(out) == 3 and out[0] == out[1] == out[2]
