@@ -155,9 +155,9 @@ class TrainParams(Section):
     patience: Annotated[int, Field(ge=0)] = 0  # evaluations without improvement; 0 never stops early
     log_every: PositiveInt = 10
     threads: Annotated[int, Field(ge=0, le=1024)] = 0  # 0: a fair share, cores / trainings running at once (mmrec/cores.py)
-    nproc: Annotated[int, Field(ge=1, le=1024)] = 1  # data-parallel processes on each machine (torchrun --nproc_per_node)
-    nnodes: Annotated[int, Field(ge=1, le=1024)] = 1  # machines that train together (torchrun --nnodes); see docs/gpus.md
-    rdzv_endpoint: str = ""  # host:port where the nodes meet (torchrun --rdzv_endpoint): the node that runs `dvc repro`
+    nproc: Annotated[int, Field(ge=1, le=1024)] = 1  # data-parallel processes on each machine (torchrun)
+    nnodes: Annotated[int, Field(ge=1, le=1024)] = 1  # machines that train together (docs/gpus.md)
+    rdzv_endpoint: str = ""  # host:port where the nodes meet: the one that runs `dvc repro`
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: Literal["auto", True, False] = "auto"  # auto: torch.compile on CUDA, eager on the CPU
     checkpoint_dir: str = "checkpoints"  # last.pt lives here, outside DVC, so a killed run resumes

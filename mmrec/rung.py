@@ -192,8 +192,8 @@ def check_nodes_agree(paths: RungPaths, inputs: dict[str, Any], group: distribut
                             "params.yaml on every node, with the same data (`dvc pull`)")
         fix = "make it a folder every node shares (rank 0 saves last.pt there, and every rank resumes from it)"
         if node["last"] != lead["last"]:
-            raise UserError(f"train.checkpoint_dir {paths.checkpoint_dir}: {where} sees {last_pt(node)} in {paths.ckpt}, "
-                            f"rank 0 on {lead['host']} sees {last_pt(lead)}; {fix}")
+            raise UserError(f"train.checkpoint_dir {paths.checkpoint_dir}: {where} sees {last_pt(node)} in "
+                            f"{paths.ckpt}, rank 0 on {lead['host']} sees {last_pt(lead)}; {fix}")
         if node["probe"] != lead["probe"]:
             raise UserError(f"train.checkpoint_dir {paths.checkpoint_dir}: {where} does not see the file rank 0 on "
                             f"{lead['host']} wrote in {paths.ckpt}; {fix}")

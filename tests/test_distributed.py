@@ -23,7 +23,8 @@ from mmrec import checkpoint, distributed
 from mmrec.errors import UserError
 from mmrec.paths import RungPaths
 from mmrec.rung import check_nodes_agree
-from tests.conftest import REPO, TINY_PARAMS, deep_merge, dvc, kill_tree
+from tests.conftest import REPO, TINY_PARAMS, deep_merge, dvc, kill_tree, run
+from tests.test_experiments import commit
 from tests.test_reliability import ONE_RUNG
 
 # max_tokens is all ranks' tokens: 100 steps of 2 ranks x 8 x 32 (it used to allow 200 steps, capped at 120)
@@ -178,7 +179,7 @@ def free_port() -> int:
 
 
 def node_copy(root: Path, to: Path) -> Path:
-    """What another machine holds: the same code and params (a git clone) and the same data (`dvc pull`)."""
+    """The code, params and data of `root` in a folder of their own."""
     for name in ["mmrec", "stages", "params.yaml", "data/tokens", "models/tokenizer"]:
         shutil.copytree(root / name, to / name) if (root / name).is_dir() else shutil.copy(root / name, to / name)
     return to
@@ -231,18 +232,24 @@ def listening(endpoint: str) -> bool:
 
 
 def test_two_nodes_train_like_one_node_of_two_processes_and_resume_after_a_node_dies(project, tmp_path):
-    """Node A runs `dvc repro` and leads, node B (a folder of its own) runs the stage by hand; the checkpoint folder
-    is shared. Killed mid-run, A takes B down with one line; run again, they resume and end bit for bit where
-    one machine with 2 processes ends, with one MLflow run and one set of outputs (A's)."""
+    """docs/gpus.md's recipe: node A runs `dvc repro` and leads; node B, a clone of its own with the data pulled
+    from the DVC remote, runs the stage by hand; the checkpoint folder is shared. A killed mid-run takes B down
+    with one line; run again, they resume and end bit for bit where one machine with 2 processes ends, with one
+    MLflow run and one set of outputs (A's)."""
     a, set_params = project
     shared = tmp_path / "shared-checkpoints"
-    set_params(**ONE_RUNG, train={"max_steps": 200, "eval_every": 20, "checkpoint_dir": str(shared)})
+    set_params(**ONE_RUNG, train={"max_steps": 100, "eval_every": 20, "nproc": 1, "nnodes": 2,
+                                  "rdzv_endpoint": "127.0.0.1:29500", "checkpoint_dir": str(shared)})
+    dvc(a, "remote", "add", "--default", "shared", str(tmp_path / "dvc-remote"))
     dvc(a, "repro", "tokenizer")
-    b, one = node_copy(a, tmp_path / "b"), node_copy(a, tmp_path / "one")
-    with_train(one, nproc=2)  # the same total batch on one machine
+    commit(a, "train on two machines: the params, the DVC remote and the data stages' dvc.lock")
+    dvc(a, "push")
+    b = tmp_path / "b"
+    run(["git", "clone", "-q", str(a), str(b)], tmp_path)
+    dvc(b, "pull", "tokenizer")
+    one = node_copy(a, tmp_path / "one")
+    with_train(one, nproc=2, nnodes=1)  # the same total batch on one machine
     finished(start([sys.executable, "stages/train.py", "tiny"], one, tmp_path / "one.log"), tmp_path / "one.log")
-    for root in (a, b):
-        with_train(root, nproc=1, nnodes=2)
 
     leads, joins = start_two_nodes(a, b, tmp_path)
     last = shared / "tiny/last.pt"
@@ -260,14 +267,14 @@ def test_two_nodes_train_like_one_node_of_two_processes_and_resume_after_a_node_
     assert "resuming from step 20" in finished(leads, tmp_path / "leads.log")
     finished(joins, tmp_path / "joins.log")
 
-    assert not (b / "models/tiny").exists() and not (b / "metrics").exists() and not (b / "mlflow.db").exists()
+    assert [p for p in ("models/tiny", "metrics/train", "metrics/curves", "mlflow.db") if (b / p).exists()] == []
     assert not (shared / "tiny").exists()  # finished: the shared checkpoint is gone
-    client, [run] = runs(a)  # one run, resumed across the kill
+    client, [rung_run] = runs(a)  # one run, resumed across the kill
     ref_client, [ref] = runs(one)
-    assert run.info.status == "FINISHED" and run.data.params["train.nnodes"] == "2"
-    curve = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss/train")]
+    assert rung_run.info.status == "FINISHED" and rung_run.data.params["train.nnodes"] == "2"
+    curve = [(m.step, m.value) for m in client.get_metric_history(rung_run.info.run_id, "loss/train")]
     ref_curve = [(m.step, m.value) for m in ref_client.get_metric_history(ref.info.run_id, "loss/train")]
-    assert sorted(curve) == sorted(ref_curve) and len(curve) == 200  # bit for bit, every step once
+    assert sorted(curve) == sorted(ref_curve) and len(curve) == 100  # bit for bit, every step once
     assert (a / "metrics/train/tiny.json").read_text() == (one / "metrics/train/tiny.json").read_text()
     best, ref_best = checkpoint.load(a / "models/tiny/best.pt"), checkpoint.load(one / "models/tiny/best.pt")
     assert all(torch.equal(best["model"][k], ref_best["model"][k]) for k in ref_best["model"])
