@@ -96,8 +96,9 @@ def launch(script: str, args: list[str], nproc: int, nnodes: int = 1, endpoint: 
         code = failed.get_first_failure()[1].exitcode
         return code if code > 0 else 128 - code  # a rank killed by signal N: 128 + N, as a shell says
     except RendezvousTimeoutError:
-        raise UserError(f"train.nnodes = {nnodes}, but not every node reached {endpoint} in time; start the stage "
-                        "on each of them (docs/gpus.md, several machines)") from None
+        raise UserError(f"train.nnodes = {nnodes}, but not every node reached {endpoint} in "
+                        f"{JOIN_TIMEOUT_S // 60} minutes; start the stage on each of them (docs/gpus.md, more than "
+                        "one machine)") from None
     except RendezvousError as err:
         if leads:  # is_host: it failed to listen there
             raise UserError(f"cannot host the rendezvous at {endpoint} on this node ({type(err).__name__}): is "
@@ -119,21 +120,24 @@ def lead_first(nodes: list[tuple[bool, int]]) -> list[int]:
     leading = {node for under_dvc, node in nodes if under_dvc}
     if len(leading) > 1:
         raise UserError(f"{len(leading)} nodes run this stage under DVC; run `dvc repro` on one node only and "
-                        "`python stages/train.py <rung>` on the others (docs/gpus.md, several machines)")
+                        "`python stages/train.py <rung>` on the others (docs/gpus.md, more than one machine)")
     return sorted(range(len(nodes)), key=lambda r: (nodes[r][1] not in leading, r))
 
 
 def init(device_type: str) -> Group:
     if not launched():
         return Group()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device_type == "cuda":  # before any nccl collective: each rank of a machine on its own GPU
+        torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     world = dist.get_world_size()
     nodes: list[Any] = [None] * world
     dist.all_gather_object(nodes, (bool(os.environ.get(LEADS)), int(os.environ.get("GROUP_RANK", "0"))))
     order = lead_first(nodes)
-    return Group(order.index(dist.get_rank()), world, int(os.environ["LOCAL_RANK"]),
-                 int(os.environ.get("LOCAL_WORLD_SIZE", world)), tuple(order))
+    return Group(order.index(dist.get_rank()), world, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", world)),
+                 tuple(order))
 
 
 def lost_peer(err: BaseException) -> bool:

@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 2 stages/train.py tiny     # data-parallel (train.nproc > 1 does this for you)
 
 With train.nnodes > 1, `dvc repro` on one node and `python stages/train.py tiny` on each other node, in clones
-at the same commit with the same params (docs/gpus.md, several machines).
+at the same commit with the same params (docs/gpus.md, "More than one machine").
 """
 import os
 import sys

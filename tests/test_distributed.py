@@ -222,6 +222,26 @@ def start_two_nodes(lead: Path, other: Path, logs: Path) -> tuple[subprocess.Pop
     raise AssertionError("no free port stayed free long enough for the rendezvous")
 
 
+def wait_for_checkpoint(last: Path, step: int, *procs: subprocess.Popen) -> None:
+    """Until rank 0 has saved `step` in `last` (it replaces the file whole), while every node runs."""
+    while all(p.poll() is None for p in procs):
+        if last.exists() and checkpoint.load(last, keys=("progress",))["progress"]["step"] >= step:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"a node ended before step {step} was saved")
+
+
+def one_line(proc: subprocess.Popen, log: Path) -> str:
+    """The node's one line when another node died (DVC adds its own 'ERROR: failed to reproduce' line under it):
+    no traceback, no report of torchrun's, and a failed exit."""
+    proc.wait(timeout=120)
+    out = log.read_text()
+    ours = [line for line in out.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and len(ours) == 1 and "Traceback" not in out and "torch.distributed" not in out, \
+        out[-3000:]
+    return ours[0]
+
+
 def listening(endpoint: str) -> bool:
     host, port = endpoint.split(":")
     try:
@@ -251,20 +271,25 @@ def test_two_nodes_train_like_one_node_of_two_processes_and_resume_after_a_node_
     with_train(one, nproc=2, nnodes=1)  # the same total batch on one machine
     finished(start([sys.executable, "stages/train.py", "tiny"], one, tmp_path / "one.log"), tmp_path / "one.log")
 
-    leads, joins = start_two_nodes(a, b, tmp_path)
     last = shared / "tiny/last.pt"
-    while not last.exists() and leads.poll() is None and joins.poll() is None:
-        time.sleep(0.02)
-    kill_tree(leads.pid)  # node A dies: dvc, the stage, its rank
+    # node B dies just after the checkpoint of step 20: node A says where it stopped and what resumes
+    leads, joins = start_two_nodes(a, b, tmp_path)
+    wait_for_checkpoint(last, 20, leads, joins)
+    kill_tree(joins.pid)
+    joins.wait()
+    assert "error: lost another rank at step 2" in one_line(leads, tmp_path / "leads.log")
+    assert "`dvc repro` resumes from step 20, once every node" in (tmp_path / "leads.log").read_text()
+
+    # resumed; then node A dies (dvc, the stage, its rank) just after step 40: node B says it lost the job
+    leads, joins = start_two_nodes(a, b, tmp_path)
+    wait_for_checkpoint(last, 40, leads, joins)
+    kill_tree(leads.pid)
     leads.wait()
-    joins.wait(timeout=120)
-    out = (tmp_path / "joins.log").read_text()
-    assert joins.returncode == 2 and "Traceback" not in out, out[-3000:]
-    [line] = [line for line in out.splitlines() if "error" in line.lower()]
-    assert line.startswith("error: lost the job at 127.0.0.1:") and "a killed run resumes" in line
+    assert one_line(joins, tmp_path / "joins.log").startswith("error: lost the job at 127.0.0.1:")
+    assert "resuming from step 20" in (tmp_path / "leads.log").read_text()
 
     leads, joins = start_two_nodes(a, b, tmp_path)
-    assert "resuming from step 20" in finished(leads, tmp_path / "leads.log")
+    assert "resuming from step 40" in finished(leads, tmp_path / "leads.log")
     finished(joins, tmp_path / "joins.log")
 
     assert [p for p in ("models/tiny", "metrics/train", "metrics/curves", "mlflow.db") if (b / p).exists()] == []
