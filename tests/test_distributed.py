@@ -191,7 +191,7 @@ def with_train(root: Path, **train) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def start(cmd: list[str], cwd: Path, log: Path) -> subprocess.Popen:
+def start_logged(cmd: list[str], cwd: Path, log: Path) -> subprocess.Popen:
     with open(log, "w") as out:  # a file, not a pipe: nobody reads while they train
         return subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -209,8 +209,8 @@ def start_two_nodes(lead: Path, other: Path, logs: Path) -> tuple[subprocess.Pop
         endpoint = f"127.0.0.1:{free_port()}"
         for root in (lead, other):
             with_train(root, rdzv_endpoint=endpoint)
-        joins = start([sys.executable, "stages/train.py", "tiny"], other, logs / "joins.log")
-        leads = start(["dvc", "repro", "train@tiny"], lead, logs / "leads.log")
+        joins = start_logged([sys.executable, "stages/train.py", "tiny"], other, logs / "joins.log")
+        leads = start_logged(["dvc", "repro", "train@tiny"], lead, logs / "leads.log")
         while leads.poll() is None and not listening(endpoint):
             time.sleep(0.05)
         if leads.poll() is None:
@@ -269,7 +269,7 @@ def test_two_nodes_train_like_one_node_of_two_processes_and_resume_after_a_node_
     dvc(b, "pull", "tokenizer")
     one = node_copy(a, tmp_path / "one")
     with_train(one, nproc=2, nnodes=1)  # the same total batch on one machine
-    finished(start([sys.executable, "stages/train.py", "tiny"], one, tmp_path / "one.log"), tmp_path / "one.log")
+    finished(start_logged([sys.executable, "stages/train.py", "tiny"], one, tmp_path / "one.log"), tmp_path / "one.log")
 
     last = shared / "tiny/last.pt"
     # node B dies just after the checkpoint of step 20: node A says where it stopped and what resumes
