@@ -251,6 +251,21 @@ def listening(endpoint: str) -> bool:
         return False
 
 
+def test_the_node_that_leads_says_in_one_line_that_its_port_is_taken(project):
+    """What `start_two_nodes` retries on: another process took the port between free_port() and the rendezvous."""
+    a, set_params = project
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        endpoint = f"127.0.0.1:{taken.getsockname()[1]}"
+        set_params(**ONE_RUNG, train={"nnodes": 2, "rdzv_endpoint": endpoint})
+        out = dvc(a, "repro", "train@tiny", check=False)
+    assert out.returncode != 0 and "Traceback" not in out.stdout + out.stderr
+    assert [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("error:")] == [
+        f"error: cannot host the rendezvous at {endpoint} on this node (RendezvousConnectionError): is the port "
+        "taken, or does train.rdzv_endpoint name another machine?"]
+
+
 def test_two_nodes_train_like_one_node_of_two_processes_and_resume_after_a_node_dies(project, tmp_path):
     """docs/gpus.md's recipe: node A runs `dvc repro` and leads; node B, a clone of its own with the data pulled
     from the DVC remote, runs the stage by hand; the checkpoint folder is shared. A killed mid-run takes B down
@@ -294,9 +309,12 @@ def test_two_nodes_train_like_one_node_of_two_processes_and_resume_after_a_node_
 
     assert [p for p in ("models/tiny", "metrics/train", "metrics/curves", "mlflow.db") if (b / p).exists()] == []
     assert not (shared / "tiny").exists()  # finished: the shared checkpoint is gone
-    client, [rung_run] = runs(a)  # one run, resumed across the kill
+    client, [rung_run] = runs(a)  # one run, resumed across both kills, under one pipeline run
     ref_client, [ref] = runs(one)
     assert rung_run.info.status == "FINISHED" and rung_run.data.params["train.nnodes"] == "2"
+    everything = client.search_runs([rung_run.info.experiment_id])
+    assert [(r.data.tags.get("kind"), r.info.status) for r in everything if r.info.run_id != rung_run.info.run_id] \
+        == [("pipeline", "FINISHED")]
     curve = [(m.step, m.value) for m in client.get_metric_history(rung_run.info.run_id, "loss/train")]
     ref_curve = [(m.step, m.value) for m in ref_client.get_metric_history(ref.info.run_id, "loss/train")]
     assert sorted(curve) == sorted(ref_curve) and len(curve) == 100  # bit for bit, every step once
