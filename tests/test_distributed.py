@@ -191,9 +191,24 @@ def with_train(root: Path, **train) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture
+def reaper():
+    """Whatever a failed test left running is killed, not left waiting for its other node for minutes."""
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+            proc.wait()
+
+
 def start_logged(cmd: list[str], cwd: Path, log: Path) -> subprocess.Popen:
     with open(log, "w") as out:  # a file, not a pipe: nobody reads while they train
-        return subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        STARTED.append(subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+    return STARTED[-1]
 
 
 def finished(proc: subprocess.Popen, log: Path) -> str:
@@ -211,12 +226,15 @@ def start_two_nodes(lead: Path, other: Path, logs: Path) -> tuple[subprocess.Pop
             with_train(root, rdzv_endpoint=endpoint)
         joins = start_logged([sys.executable, "stages/train.py", "tiny"], other, logs / "joins.log")
         leads = start_logged(["dvc", "repro", "train@tiny"], lead, logs / "leads.log")
-        while leads.poll() is None and not listening(endpoint):
+        deadline = time.time() + 240
+        while leads.poll() is None and not listening(endpoint) and time.time() < deadline:
             time.sleep(0.05)
-        if leads.poll() is None:
+        if leads.poll() is None and time.time() < deadline:
             return leads, joins
-        kill_tree(joins.pid)
-        joins.wait()
+        for proc in (joins, leads):
+            if proc.poll() is None:
+                kill_tree(proc.pid)
+            proc.wait()
         if "cannot host the rendezvous" not in (logs / "leads.log").read_text():
             raise AssertionError((logs / "leads.log").read_text()[-3000:])
     raise AssertionError("no free port stayed free long enough for the rendezvous")
@@ -224,11 +242,12 @@ def start_two_nodes(lead: Path, other: Path, logs: Path) -> tuple[subprocess.Pop
 
 def wait_for_checkpoint(last: Path, step: int, *procs: subprocess.Popen) -> None:
     """Until rank 0 has saved `step` in `last` (it replaces the file whole), while every node runs."""
-    while all(p.poll() is None for p in procs):
+    deadline = time.time() + 240
+    while all(p.poll() is None for p in procs) and time.time() < deadline:
         if last.exists() and checkpoint.load(last, keys=("progress",))["progress"]["step"] >= step:
             return
         time.sleep(0.02)
-    raise AssertionError(f"a node ended before step {step} was saved")
+    raise AssertionError(f"step {step} was not saved: a node ended, or nothing moved in 4 minutes")
 
 
 def one_line(proc: subprocess.Popen, log: Path) -> str:
@@ -261,12 +280,12 @@ def test_the_node_that_leads_says_in_one_line_that_its_port_is_taken(project):
         set_params(**ONE_RUNG, train={"nnodes": 2, "rdzv_endpoint": endpoint})
         out = dvc(a, "repro", "train@tiny", check=False)
     assert out.returncode != 0 and "Traceback" not in out.stdout + out.stderr
-    assert [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("error:")] == [
-        f"error: cannot host the rendezvous at {endpoint} on this node (RendezvousConnectionError): is the port "
-        "taken, or does train.rdzv_endpoint name another machine?"]
+    expected = (f"error: cannot host the rendezvous at {endpoint} on this node (RendezvousConnectionError): is the "
+                "port taken, or does train.rdzv_endpoint name another machine?")
+    assert [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("error:")] == [expected]
 
 
-def test_two_nodes_train_like_one_node_of_two_processes_and_resume_after_a_node_dies(project, tmp_path):
+def test_two_nodes_train_like_one_node_of_two_processes_and_resume_after_a_node_dies(project, tmp_path, reaper):
     """docs/gpus.md's recipe: node A runs `dvc repro` and leads; node B, a clone of its own with the data pulled
     from the DVC remote, runs the stage by hand; the checkpoint folder is shared. A killed mid-run takes B down
     with one line; run again, they resume and end bit for bit where one machine with 2 processes ends, with one
