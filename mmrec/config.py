@@ -161,10 +161,27 @@ class TrainParams(Section):
     patience: Annotated[int, Field(ge=0)] = 0  # evaluations without improvement; 0 never stops early
     log_every: PositiveInt = 10
     threads: Annotated[int, Field(ge=0, le=1024)] = 0  # 0: a fair share, cores / trainings running at once (mmrec/cores.py)
-    nproc: Annotated[int, Field(ge=1, le=1024)] = 1  # data-parallel processes on this machine (torchrun)
+    nproc: Annotated[int, Field(ge=1, le=1024)] = 1  # data-parallel processes on each machine (torchrun)
+    nnodes: Annotated[int, Field(ge=1, le=1024)] = 1  # machines that train together (docs/gpus.md)
+    rdzv_endpoint: str = ""  # host:port where the nodes meet: the one that runs `dvc repro`
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: Literal["auto", True, False] = "auto"  # auto: torch.compile on CUDA, eager on the CPU
     checkpoint_dir: str = "checkpoints"  # last.pt lives here, outside DVC, so a killed run resumes
+
+    @field_validator("rdzv_endpoint")
+    @classmethod
+    def _host_port(cls, v: str) -> str:
+        m = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):(\d{1,5})", v)
+        if v and not (m and 0 < int(m.group(2)) < 65536):
+            raise ValueError("must be host:port, e.g. node0:29500")
+        return v
+
+    @model_validator(mode="after")
+    def _nodes_can_meet(self) -> "TrainParams":
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(f"rdzv_endpoint is required when nnodes = {self.nnodes}: host:port of the node that "
+                             "runs `dvc repro`, which every node reaches (e.g. node0:29500)")
+        return self
 
     @model_validator(mode="after")
     def _min_below_lr(self) -> "TrainParams":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +21,13 @@ from mmrec.cores import CoreShare
 from mmrec.data import check_fits, fixed_starts
 from mmrec.device import resolve_device
 from mmrec.errors import Interrupted, UserError
-from mmrec.files import dvc_fix, sha256_file, sha256_text
+from mmrec.files import dvc_fix, sha256_file, sha256_text, write_text
 from mmrec.model import ModelConfig, build_model, count_params
 from mmrec.outputs import write_outputs
 from mmrec.paths import RungPaths
 from mmrec.schedule import Budget, budget_for
 from mmrec.sources import source_digests
-from mmrec.train import SharingSink, Stopped, fit, seed_everything, val_loss
+from mmrec.train import RankLost, SharingSink, Stopped, fit, seed_everything, val_loss
 
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "stages" / "train.py"
@@ -34,9 +35,11 @@ TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "stages" / "train.py"
 
 def fingerprint_inputs(params: Params, rung_name: str, header: dict[str, Any], parent_sha: str) -> dict[str, Any]:
     """What a rung's weights are a function of: the params that train it, the data and tokenizer, the parent's
-    checkpoint and the code the train stage runs (its import closure, see mmrec/sources.py)."""
+    checkpoint and the code the train stage runs (its import closure, see mmrec/sources.py). Not where the nodes
+    meet: a job restarted with node 0 on another machine resumes."""
     p = params.model_dump()
-    return {"params": {"seed": p["seed"], "model": p["model"], "train": p["train"], "rung": p["ladder"][rung_name],
+    train = {k: v for k, v in p["train"].items() if k != "rdzv_endpoint"}
+    return {"params": {"seed": p["seed"], "model": p["model"], "train": train, "rung": p["ladder"][rung_name],
                        "growth_noise": p["promote"]["growth_noise"]},
             "tokenizer": header["tokenizer_sha256"], "data": header.get("data_sha256", ""), "parent": parent_sha,
             "code": source_digests(TRAIN_SCRIPT if TRAIN_SCRIPT.exists() else Path(__file__))}
@@ -81,7 +84,7 @@ def train_rung(params: Params, rung_name: str, root: Path = Path(".")) -> dict[s
         device = torch.device("cuda", group.local_rank)
         torch.cuda.set_device(device)
     # threads: 0 shares the cores with every training running now (each rank counts), re-divided at each flush
-    cores = CoreShare(max(1, tp.threads // group.world) if tp.threads else 0)
+    cores = CoreShare(max(1, tp.threads // group.local_world) if tp.threads else 0)
     cores.apply(force=True)
     cfg = ModelConfig.from_params(params.model, rung, header["vocab_size"], tp.seq_len)
     budget = budget_for(params, rung_name, group.world)  # after distributed.init: the budget is all ranks'
@@ -89,10 +92,20 @@ def train_rung(params: Params, rung_name: str, root: Path = Path(".")) -> dict[s
     parent_best = paths.model(rung.parent) / "best.pt" if rung.parent else None
     if parent_best is not None and not parent_best.exists():
         raise UserError(f"rung {rung_name} grows from {rung.parent}, but {parent_best} is missing; "
-                        f"run `dvc repro promote@{rung.parent}`")
+                        f"run `dvc repro promote@{rung.parent}` (on a node that joins another: "
+                        f"`dvc pull train@{rung.parent}`)")
     inputs = fingerprint_inputs(params, rung_name, header, sha256_file(parent_best) if parent_best else "")
     fp = fingerprint(inputs)
-    resume = resume_point(paths.ckpt, inputs, group)
+    try:
+        check_nodes_agree(paths, inputs, group)
+        resume = resume_point(paths.ckpt, inputs, group)
+    except RuntimeError as err:  # a rank that stopped at once (a line of its own says why), or a dead node
+        if group.world == 1 or not distributed.lost_peer(err):
+            raise
+        if not group.main:
+            raise SystemExit(distributed.LOST) from None
+        raise UserError("lost another rank before the first step (it failed with a line of its own, or its "
+                        "process or machine died); start the stage again on every node") from None
 
     generator = seed_everything(params.seed, group.rank)
     model = build_model(cfg).to(device)
@@ -115,6 +128,10 @@ def train_rung(params: Params, rung_name: str, root: Path = Path(".")) -> dict[s
                            extra=extra, sink=SharingSink(run, cores), resume=resume, device=device, group=group)
         except Stopped as stop:  # every rank stopped at the same step: each says so in one line
             raise Interrupted(interrupted_line(stop, rung_name, group, paths.root)) from None
+        except RankLost as lost:  # rank 0 says where it stopped; the others leave quietly (see distributed.launch)
+            if not group.main:
+                raise SystemExit(distributed.LOST) from None
+            raise UserError(lost_line(lost, rung_name, paths.root)) from None
         finally:
             cores.close()
             distributed.shutdown(group)
@@ -135,6 +152,55 @@ def interrupted_line(stop: Stopped, rung_name: str, group: distributed.Group, ro
     from mmrec.rerun import after_interrupt
 
     return f"{stop}, saved in {stop.last}; {after_interrupt(f'train@{rung_name}', stop.step, stop.last, root)}"
+
+
+def lost_line(lost: RankLost, rung_name: str, root: Path) -> str:
+    """Rank 0's line when another rank died: the step it stopped the others at, and how every node resumes."""
+    if lost.saved < 0:
+        resume = "nothing was saved yet: running it again starts from step 0"
+    else:
+        from mmrec.rerun import after_interrupt
+
+        resume = after_interrupt(f"train@{rung_name}", lost.saved, lost.last, root)
+    return f"{lost} (its process or machine died); {resume}, once every node runs the stage again"
+
+
+def check_nodes_agree(paths: RungPaths, inputs: dict[str, Any], group: distributed.Group) -> None:
+    """On several machines each node runs the stage in a clone of its own: every rank must train this rung from
+    the same params, data and code, and see the files rank 0 writes in train.checkpoint_dir (a rerun resumes
+    every rank from rank 0's last.pt). One line on every rank when they do not."""
+    if group.world == 1:
+        return
+    probe, last = paths.ckpt / ".written-by-rank-0", paths.ckpt / "last.pt"
+    if group.main:
+        write_text(probe, uuid.uuid4().hex)
+    distributed.barrier(group)
+    seen = distributed.gather({"host": distributed.host(), "rung": paths.rung, "inputs": inputs,
+                               "probe": probe.read_text() if probe.exists() else None,
+                               "last": sha256_file(last) if last.exists() else None}, group)
+    if group.main:
+        probe.unlink()
+    lead = seen[0]
+    for rank, node in enumerate(seen):
+        where = f"rank {rank} on {node['host']}"
+        if node["rung"] != lead["rung"]:
+            raise UserError(f"{where} was started for rung {node['rung']}, rank 0 on {lead['host']} for "
+                            f"{lead['rung']}; start the same stage on every node")
+        if node["inputs"] != lead["inputs"]:
+            raise UserError(f"{where} would train {lead['rung']} from other inputs than rank 0 on {lead['host']} "
+                            f"({what_changed(lead['inputs'], node['inputs'])} differ); run the same commit and "
+                            "params.yaml on every node, with the same data (`dvc pull`)")
+        fix = "make it a folder every node shares (rank 0 saves last.pt there, and every rank resumes from it)"
+        if node["last"] != lead["last"]:
+            raise UserError(f"train.checkpoint_dir {paths.checkpoint_dir}: {where} sees {last_pt(node)} in "
+                            f"{paths.ckpt}, rank 0 on {lead['host']} sees {last_pt(lead)}; {fix}")
+        if node["probe"] != lead["probe"]:
+            raise UserError(f"train.checkpoint_dir {paths.checkpoint_dir}: {where} does not see the file rank 0 on "
+                            f"{lead['host']} wrote in {paths.ckpt}; {fix}")
+
+
+def last_pt(node: dict[str, Any]) -> str:
+    return f"last.pt {node['last'][:12]}" if node["last"] else "no last.pt"
 
 
 def resume_point(ckpt_dir: Path, inputs: dict[str, Any], group: distributed.Group) -> dict[str, Any] | None:

@@ -60,6 +60,15 @@ class TrainingDiverged(UserError):
     """The loss turned NaN or infinite; last.pt still holds the last good state."""
 
 
+class RankLost(UserError):
+    """Another rank stopped answering (its process or its machine died): every rank leaves at its next
+    collective; last.pt holds step `saved` (-1: nothing saved yet)."""
+
+    def __init__(self, step: int, saved: int, last: Path):
+        super().__init__(f"lost another rank at step {step}")
+        self.step, self.saved, self.last = step, saved, last
+
+
 class Stopped(Interrupted):
     """Ctrl-C, honoured at a step boundary that every rank agreed on; last.pt holds that step."""
 
@@ -121,8 +130,8 @@ def rng_state(device: torch.device, generator: torch.Generator, group: distribut
 def restore_rng(state: dict[str, Any], device: torch.device, generator: torch.Generator,
                 group: distributed.Group, where: Path) -> None:
     if len(state["data"]) != group.world:
-        raise UserError(f"{where} was written by {len(state['data'])} processes; "
-                        f"resume with train.nproc = {len(state['data'])} or delete it")
+        raise UserError(f"{where} was written by {len(state['data'])} processes; resume with train.nnodes x "
+                        f"train.nproc = {len(state['data'])} or delete it")
     torch.set_rng_state(state["torch"])
     generator.set_state(state["data"][group.rank])
     if device.type == "cuda" and "cuda" in state:  # a CPU checkpoint resumed on a GPU starts CUDA's afresh
@@ -277,6 +286,10 @@ def fit(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, tp: TrainPar
                     flush()
                 clock = time.perf_counter()  # evaluation time is not training throughput
             warming_up = False
+    except RuntimeError as err:  # a rank that died (its process or machine) fails the others' next collective
+        if group.world == 1 or not distributed.lost_peer(err):
+            raise
+        raise RankLost(progress.step, saved_at, ckpt_dir / "last.pt") from None
     finally:  # a failure or a Ctrl-C leaves the terminal as it found it
         bar.close()
         stop.uninstall()

@@ -121,10 +121,8 @@ def kill_tree(pid: int) -> None:
         p.kill()
 
 
-@pytest.fixture
-def project(tmp_path: Path, corpus_txt: Path):
-    """A fresh git + DVC copy of the repository with tiny params and the synthetic corpus; returns a setter for params."""
-    root = tmp_path / "repo"
+def make_project(root: Path, corpus: Path):
+    """A fresh git + DVC copy of the repository at `root` with tiny params reading `corpus`; returns a setter for params."""
     root.mkdir()
     for name in ["mmrec", "stages", "dvc.yaml", "params.yaml", ".gitignore", ".dvc/config", ".dvc/.gitignore"]:
         src = REPO / name
@@ -139,7 +137,7 @@ def project(tmp_path: Path, corpus_txt: Path):
         params = deep_merge(params, TINY_PARAMS)
         # mini keeps the budget these tests were written against, not the shipped ladder's
         params["ladder"]["mini"] |= {"max_steps": 300, "dropout": 0.0}
-        params["data"] |= {"source": str(corpus_txt), "val_fraction": 0.1, "test_fraction": 0.1}
+        params["data"] |= {"source": str(corpus), "val_fraction": 0.1, "test_fraction": 0.1}
         if "ladder" in sections:  # a ladder is replaced whole, never merged rung by rung
             params["ladder"] = sections.pop("ladder")
         params = deep_merge(params, sections)
@@ -149,7 +147,14 @@ def project(tmp_path: Path, corpus_txt: Path):
     run(["git", "init", "-q"], root)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], root)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"], root)
-    return root, set_params
+    return set_params
+
+
+@pytest.fixture
+def project(tmp_path: Path, corpus_txt: Path):
+    """A fresh git + DVC copy of the repository with tiny params and the synthetic corpus; returns a setter for params."""
+    root = tmp_path / "repo"
+    return root, make_project(root, corpus_txt)
 
 
 @pytest.fixture(scope="session")

@@ -61,6 +61,10 @@ GAPS_BEFORE_ISSUE_19 = [
     ({"ladder": {"tiny": {"width": 64, "layers": 1}, "mini": {"width": 128, "layers": 1,
                                                              "after": "models/tiny/promotion.json"}}},
      "must be 'data/tokens' or 'models/<rung>/handoff.json'"),
+    ({"train": {"nnodes": 2}}, "params.yaml: train: rdzv_endpoint is required when nnodes = 2: host:port of the "
+                               "node that runs `dvc repro`"),
+    ({"train": {"nnodes": 2, "rdzv_endpoint": "node0"}}, "train.rdzv_endpoint = 'node0': must be host:port"),
+    ({"train": {"rdzv_endpoint": "node0:65536"}}, "train.rdzv_endpoint = 'node0:65536': must be host:port"),
     *GAPS_BEFORE_ISSUE_19,
 ])
 def test_bad_values_name_the_dotted_key(raw, expected):
@@ -218,3 +222,8 @@ def test_the_smallest_max_tokens_validation_allows_evaluates(tokenized):
     model = build_model(ModelConfig.from_params(p.model, p.rung("tiny"), 400))
     m = test_metrics(model, p, tokenized, torch.device("cpu"))
     assert m["test_tokens_scored"] == 32 and m["test_bytes_scored"] > 0 and math.isfinite(m["test_bpb_context"])
+
+
+def test_a_rendezvous_endpoint_is_a_host_and_a_port():
+    for endpoint in ["node0:29500", "10.0.0.7:29500", "[fd00::7]:29500", "gpu-3.cluster.internal:1"]:
+        assert parse_params({"train": {"nnodes": 2, "rdzv_endpoint": endpoint}}).train.rdzv_endpoint == endpoint
