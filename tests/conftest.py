@@ -37,9 +37,14 @@ def _sys_path_restored():
 
 @pytest.fixture(autouse=True)
 def _no_inherited_mlflow_store(monkeypatch):
-    """Stages started by a test must pick their store from params, not from a variable an earlier test set."""
-    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+    """Stages started by a test must pick their store from params, not from a variable an earlier test set.
+    Cleared after the test too: a module fixture set up before the next test's autouse fixtures would inherit it."""
+    variables = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    for var in variables:
         monkeypatch.delenv(var, raising=False)
+    yield
+    for var in variables:
+        os.environ.pop(var, None)
 
 
 def synthetic_documents(n_docs: int = 120, seed: int = 0) -> list[str]:

@@ -6,6 +6,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
+from mmrec.store import fluent_store
 from tests.conftest import dvc, kill_tree, ran, run
 
 # Loaded by every python process of a `dvc repro` (PYTHONPATH): once tiny has trained, the wall clock steps by a
@@ -70,8 +71,8 @@ def test_whole_ladder_trains_grows_promotes_under_one_pipeline_run_and_a_rerun_d
     assert promo["promoted"] and promo["model_version"] == "2"
     assert str(client.get_model_version_by_alias("mmrec", "champion").version) == "2"
     assert str(client.get_model_version_by_alias("mmrec", "tiny").version) == "1"
-    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
-    champion = mlflow.pyfunc.load_model("models:/mmrec@champion")
+    with fluent_store(f"sqlite:///{root}/mlflow.db"):
+        champion = mlflow.pyfunc.load_model("models:/mmrec@champion")
     [short] = champion.predict(["The king"], params={"max_new_tokens": 2})
     [long] = champion.predict(["The king"], params={"max_new_tokens": 30})
     assert short.startswith("The king") and long.startswith(short) and len(long) > len(short)
