@@ -28,7 +28,8 @@ from mmrec.growth import grow_state_dict
 from mmrec.model import ModelConfig, build_model, count_params
 from mmrec.config import TrainParams
 from mmrec.data import fixed_starts
-from mmrec.train import budget_for, val_loss
+from mmrec.schedule import budget_for
+from mmrec.train import val_loss
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -33,7 +33,7 @@ CHILD = """
 import json, sys, time
 sys.path.insert(0, {root!r})
 from mmrec.config import load_params
-from mmrec.train import train_rung
+from mmrec.rung import train_rung
 params = load_params("params.yaml")
 start = time.perf_counter()
 m = train_rung(params, "tiny")

@@ -31,8 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mmrec.config import ModelParams, RungParams  # noqa: E402
 from mmrec.device import autocast  # noqa: E402
 from mmrec.model import ModelConfig, build_model, count_params, flops_per_token, param_groups  # noqa: E402
+from mmrec.perf import peak_flops  # noqa: E402
 from mmrec.scan import FLA_AVAILABLE, hgrn_scan, linear_scan, scan_backend  # noqa: E402
-from mmrec.train import forward_backward, peak_flops  # noqa: E402
+from mmrec.train import forward_backward  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

@@ -142,9 +142,9 @@ def write_plot(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from mmrec import track  # mlflow is slow to import: only once the arguments are known to be good
+    from mmrec import store, track  # mlflow is slow to import: only once the arguments are known to be good
 
-    uri, experiment = track.store_settings(args.tracking_uri, args.experiment)
+    uri, experiment = store.store_settings(args.tracking_uri, args.experiment)
     runs = track.runs_frame(uri, experiment)
     if runs is None:
         raise UserError(f"--experiment {experiment!r}: not in {uri}; it has: {', '.join(track.experiment_names(uri))}")

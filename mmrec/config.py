@@ -14,7 +14,8 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from mmrec.errors import UserError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from mmrec.paths import taken_by
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 PARAMS_FILE = Path("params.yaml")
 RUNG_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
@@ -31,6 +32,7 @@ class Section(BaseModel):
 PositiveInt = Annotated[int, Field(gt=0)]
 GROWTH_SPLIT = 0.5  # spread of the uneven shares that break the symmetry of width growth (growth.py)
 Fraction = Annotated[float, Field(gt=0, lt=0.5)]
+MAX_VOCAB = 1 << 20  # SentencePiece pieces; ids above 65535 make the token files uint32
 
 
 class DataParams(Section):
@@ -40,7 +42,11 @@ class DataParams(Section):
     group_by: list[str] = ["book", "chapter"]  # jsonl/parquet: consecutive records sharing these form one document
     val_fraction: Fraction = 0.05
     test_fraction: Fraction = 0.05
+    val_max_bytes: Annotated[int, Field(ge=0)] = 10_000_000  # 0: no cap; over it, the highest-hash val documents train
+    test_max_bytes: Annotated[int, Field(ge=0)] = 10_000_000  # 0: no cap; the same rule for test
     min_doc_chars: Annotated[int, Field(ge=1)] = 1
+    keep_layout: bool = False  # keep newlines and indentation (code, poetry); false: every whitespace run is one space
+    max_documents: Annotated[int, Field(ge=0)] = 0  # read only the first N documents of the source; 0: all
     timeout_s: Annotated[float, Field(gt=0)] = 30.0
     retries: Annotated[int, Field(ge=0, le=20)] = 3
     max_bytes: PositiveInt = 2_000_000_000
@@ -60,13 +66,14 @@ class DataParams(Section):
 
 
 class TokenizerParams(Section):
-    vocab_size: Annotated[int, Field(ge=100, le=65535)] = 5000  # uint16 token files
+    vocab_size: Annotated[int, Field(ge=100, le=MAX_VOCAB)] = 5000  # above 65536 the token files are uint32
     model_type: Literal["bpe", "unigram"] = "bpe"
     character_coverage: Annotated[float, Field(gt=0.9, le=1.0)] = 1.0
     byte_fallback: bool = True
     split_digits: bool = True
+    allow_whitespace_only_pieces: bool = False  # pieces made of spaces only: indentation (with data.keep_layout)
     num_threads: Annotated[int, Field(ge=1, le=256)] = 2  # training threads: fixed so spm.model is identical on a rerun
-    input_sentence_size: Annotated[int, Field(ge=0)] = 0  # 0: use every train line
+    sample_bytes: PositiveInt = 32_000_000  # train text SentencePiece learns from (seeded sample): bounds its memory
 
 
 class ModelParams(Section):
@@ -86,6 +93,17 @@ class ModelParams(Section):
     def _floors_ordered(self) -> "ModelParams":
         if self.min_floor > self.max_floor:
             raise ValueError("min_floor must not exceed max_floor")
+        return self
+
+    @model_validator(mode="after")
+    def _gpt_can_be_built(self) -> "ModelParams":
+        """What GPTBlock needs besides a width that head_dim divides (checked per rung, in the ladder)."""
+        if self.arch == "gpt" and self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for arch 'gpt' (rotary positions turn "
+                             "channels in pairs)")
+        if self.arch == "gpt" and self.uboo_weight > 0:
+            raise ValueError(f"uboo_weight {self.uboo_weight} needs arch 'mmrec' (UBOO predicts the recurrent "
+                             "state); set it to 0 for 'gpt'")
         return self
 
 
@@ -143,10 +161,27 @@ class TrainParams(Section):
     patience: Annotated[int, Field(ge=0)] = 0  # evaluations without improvement; 0 never stops early
     log_every: PositiveInt = 10
     threads: Annotated[int, Field(ge=0, le=1024)] = 0  # 0: a fair share, cores / trainings running at once (mmrec/cores.py)
-    nproc: Annotated[int, Field(ge=1, le=1024)] = 1  # data-parallel processes on this machine (torchrun)
+    nproc: Annotated[int, Field(ge=1, le=1024)] = 1  # data-parallel processes on each machine (torchrun)
+    nnodes: Annotated[int, Field(ge=1, le=1024)] = 1  # machines that train together (docs/gpus.md)
+    rdzv_endpoint: str = ""  # host:port where the nodes meet: the one that runs `dvc repro`
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: Literal["auto", True, False] = "auto"  # auto: torch.compile on CUDA, eager on the CPU
     checkpoint_dir: str = "checkpoints"  # last.pt lives here, outside DVC, so a killed run resumes
+
+    @field_validator("rdzv_endpoint")
+    @classmethod
+    def _host_port(cls, v: str) -> str:
+        m = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):(\d{1,5})", v)
+        if v and not (m and 0 < int(m.group(2)) < 65536):
+            raise ValueError("must be host:port, e.g. node0:29500")
+        return v
+
+    @model_validator(mode="after")
+    def _nodes_can_meet(self) -> "TrainParams":
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(f"rdzv_endpoint is required when nnodes = {self.nnodes}: host:port of the node that "
+                             "runs `dvc repro`, which every node reaches (e.g. node0:29500)")
+        return self
 
     @model_validator(mode="after")
     def _min_below_lr(self) -> "TrainParams":
@@ -157,7 +192,7 @@ class TrainParams(Section):
 
 class EvaluateParams(Section):
     batch_size: PositiveInt = 16
-    max_tokens: Annotated[int, Field(ge=0)] = 0  # 0: every test token
+    max_tokens: Annotated[int, Field(ge=0)] = 0  # 0: every test token; else at least train.seq_len + 1
     prompts: list[str] = ["In the beginning", "And the LORD said unto Moses,"]
     sample_tokens: Annotated[int, Field(ge=1, le=4096)] = 60
     temperature: Annotated[float, Field(gt=0, le=10)] = 0.8
@@ -190,30 +225,50 @@ class Params(Section):
     tokenizer: TokenizerParams = TokenizerParams()
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
-    ladder: dict[str, RungParams] = {
+    ladder: dict[str, RungParams] = Field(default={  # validated too: the default ladder must fit the model
         "tiny": RungParams(width=128, layers=4),
         "mini": RungParams(width=256, layers=6, after="models/tiny/handoff.json", max_steps=1000, dropout=0.1,
                            ema_decay=0.995),
-    }
+    }, validate_default=True)
     evaluate: EvaluateParams = EvaluateParams()
     promote: PromoteParams = PromoteParams()
     mlflow: MlflowParams = MlflowParams()
 
     @field_validator("ladder")
     @classmethod
-    def _ladder_chains(cls, ladder: dict[str, RungParams]) -> dict[str, RungParams]:
+    def _ladder_chains(cls, ladder: dict[str, RungParams], info: ValidationInfo) -> dict[str, RungParams]:
         if not ladder:
             raise ValueError("must list at least one rung")
+        model, train = info.data.get("model"), info.data.get("train")  # absent when they failed themselves
         seen: list[str] = []
         for name, rung in ladder.items():
             if not RUNG_NAME.match(name):
                 raise ValueError(f"rung name {name!r} must match {RUNG_NAME.pattern}")
+            if train is not None and (clash := taken_by(name, train.checkpoint_dir)):
+                mine, theirs = clash
+                what = "is" if mine == theirs else f"would overlap {theirs},"
+                raise ValueError(f"rung name {name!r} is taken: the rung's {mine} {what} another stage's output; "
+                                 "rename the rung")
+            if model is not None and model.arch == "gpt" and rung.width % model.head_dim:
+                raise ValueError(f"ladder.{name}.width {rung.width} must be a multiple of model.head_dim "
+                                 f"{model.head_dim} (arch 'gpt' splits the width into heads)")
             if rung.parent is not None and rung.parent not in seen:
                 raise ValueError(f"ladder.{name}.after names {rung.parent!r}, which is not a rung above it")
             if rung.parent is not None:
                 _check_growth(name, rung, rung.parent, ladder[rung.parent])
             seen.append(name)
         return ladder
+
+    @field_validator("evaluate")
+    @classmethod
+    def _one_full_window(cls, evaluate: EvaluateParams, info: ValidationInfo) -> EvaluateParams:
+        """The test figures need one window of seq_len targets, as check_fits asks of train and val: fewer
+        score nothing (1 token) or may decode to no text at all (2 tokens: the bits per byte divide by 0)."""
+        train = info.data.get("train")
+        if train is not None and 0 < evaluate.max_tokens <= train.seq_len:
+            raise ValueError(f"max_tokens {evaluate.max_tokens} must be 0 (every test token) or at least "
+                             f"train.seq_len + 1 = {train.seq_len + 1} (one full window of scored tokens)")
+        return evaluate
 
     def rung(self, name: str) -> RungParams:
         if name not in self.ladder:

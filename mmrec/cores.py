@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
+from mmrec.procs import alive, stamp
 
 REGISTRY = Path(tempfile.gettempdir()) / "mmrec-cores"
 RECHECK_S = 2.0  # how often a running process looks at the registry again
@@ -28,10 +28,10 @@ def cpu_count() -> int:
 
 def _alive(entry: Path) -> bool:
     try:
-        pid, started = int(entry.name), float(entry.read_text())
-        return abs(psutil.Process(pid).create_time() - started) < 1.0  # not a recycled pid
-    except (ValueError, OSError, psutil.Error):
+        owner = entry.read_text()
+    except OSError:
         return False
+    return owner.partition(".")[0] == entry.name and alive(owner)  # its pid, and not a recycled one
 
 
 class CoreShare:
@@ -44,7 +44,7 @@ class CoreShare:
         self._checked = 0.0
         registry.mkdir(parents=True, exist_ok=True)
         tmp = registry / f".{os.getpid()}.tmp"  # renamed in whole: a reader never sees it half-written
-        tmp.write_text(str(psutil.Process().create_time()))
+        tmp.write_text(stamp())
         os.replace(tmp, self.entry)
 
     def live(self) -> int:

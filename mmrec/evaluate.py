@@ -103,9 +103,9 @@ def evaluate_rung(params, rung: str, root: Path = Path(".")) -> dict[str, float]
     model, ckpt = load_model(paths.best, dvc_fix(f"train@{rung}"))
     if ckpt.get("tokenizer_sha256") != read_header(paths.tokens)["tokenizer_sha256"]:
         raise UserError(f"{paths.best} was trained with another tokenizer; rerun `dvc repro train@{rung}`")
+    device = resolve_device(params.train.device)  # a bad device fails here, before the run is set RUNNING
     run = track.Run.resume(params.mlflow, track.read_run_id(model_dir), rung, {"rung": rung},
                            system_metrics=params.mlflow.system_metrics)
-    device = resolve_device(params.train.device)
     with track.closed_on_failure(run):  # a failure ends the run FAILED, never left RUNNING
         with CoreShare(params.train.threads):  # threads: 0 shares the cores with trainings running beside it
             metrics, docs = test_metrics(model.to(device), params, root, device)

@@ -17,34 +17,54 @@ from pathlib import Path
 from typing import Any
 
 from mmrec.errors import UserError
+from mmrec.procs import alive, stamp
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)  # mkstemp/mkdtemp create private (0600/0700) paths: published outputs get the usual modes
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
+# The temp names of replacing() and replacing_dir(): each carries its writer's procs.stamp() ('<pid>.<start>';
+# a bare pid in names written before the start was added).
+_OWNER = r"(\d+(?:\.\d+)?)"
+TEMP_NAME = re.compile(rf"\..+?(?:\.{_OWNER}-\w+\.tmp(?:\.\w+)?|\.tmp-{_OWNER}-\w+|\.old-{_OWNER})")
+
+
+def temp_owner(name: str) -> str | None:
+    """The stamp in a temp's name, or None when `name` is no temp of ours."""
+    m = TEMP_NAME.fullmatch(name)
+    return next(g for g in m.groups() if g) if m else None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def sweep_stale(path: Path) -> None:
-    """Remove the temp files and dirs that a killed writer of `path` left beside it. Their names carry the
-    writer's pid, so a temp of a process still alive is left alone."""
-    for prefix, pattern in ((f".{path.stem}.", f"*.tmp{path.suffix}"), (f".{path.name}.tmp-", "*"),
-                            (f".{path.name}.old-", "*")):
-        for stale in path.parent.glob(prefix + pattern):
-            pid = re.match(r"\d+", stale.name.removeprefix(prefix))
-            if pid and _alive(int(pid.group())):
-                continue
-            if stale.is_dir():
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                stale.unlink(missing_ok=True)
+    """Remove the temp files and dirs that a killed writer of `path` left beside it (a temp of a process
+    still alive is left alone)."""
+    for stale in set(path.parent.glob(f".{path.stem}.*")) | set(path.parent.glob(f".{path.name}.*")):
+        owner = temp_owner(stale.name)
+        ours = owner is not None and stale.name.startswith(
+            (f".{path.stem}.{owner}-", f".{path.name}.tmp-{owner}-", f".{path.name}.old-{owner}"))
+        if ours and not alive(owner):
+            _remove(stale)
+
+
+def sweep_tree(root: Path) -> list[Path]:
+    """Remove every temp under `root` whose writer is dead, whatever output it was for: a stage that DVC restores
+    from its run-cache never runs, so it never cleans up the temps of its own killed attempt. Returns what went."""
+    gone = []
+    for top, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            owner = temp_owner(name)
+            if owner is not None and not alive(owner):
+                _remove(Path(top) / name)
+                gone.append(Path(top) / name)
+        dirs[:] = [d for d in dirs if (Path(top) / d).is_dir()]  # not into what was just removed
+    return gone
 
 
 @contextmanager
@@ -54,7 +74,7 @@ def replacing(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(path)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.{os.getpid()}-", suffix=f".tmp{path.suffix}")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.{stamp()}-", suffix=f".tmp{path.suffix}")
     os.close(fd)
     tmp = Path(name)
     try:
@@ -72,8 +92,8 @@ def replacing_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(path)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-"))
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-{stamp()}-"))
+    old = path.with_name(f".{path.name}.old-{stamp()}")
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_UMASK)

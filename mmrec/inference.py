@@ -150,12 +150,15 @@ def generate(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int,
              top_k: int = 0, greedy: bool = False, generator: torch.Generator | None = None,
              eos_id: int | None = None) -> list[int]:
     """Continue `prompt_ids` by sampling (argmax with greedy=True); stops early at eos_id.
-    MM-Rec carries its recurrent state, so each new token costs one step; GPT rereads the context."""
+    MM-Rec carries its recurrent state, so each new token costs one step; GPT rereads its context, cropped
+    to the last seq_len tokens it was trained on (as nanoGPT does): no position past those, no cost growing
+    with the length generated."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids or [eos_id or 0]], dtype=torch.long, device=device)
-    out = model(ids)
+    context = model.cfg.seq_len if model.cfg.arch == "gpt" else 0  # 0: the whole context
+    out = model(ids[:, -context:])
     new: list[int] = []
     for _ in range(max_new_tokens):
         logits = out.logits[0, -1].float()
@@ -171,7 +174,7 @@ def generate(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int,
             break
         new.append(nxt)
         ids = torch.cat([ids, torch.tensor([[nxt]], device=device)], dim=1)
-        out = model(ids[:, -1:], state=out.state) if out.state is not None else model(ids)
+        out = model(ids[:, -1:], state=out.state) if out.state is not None else model(ids[:, -context:])
     model.train(was_training)
     return new
 

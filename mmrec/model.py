@@ -46,6 +46,7 @@ class ModelConfig:
     head_dim: int
     norm_eps: float
     dropout: float
+    seq_len: int = 0  # the context it was trained on (train.seq_len); gpt generation crops to it. 0: unknown
 
     def __post_init__(self) -> None:
         if self.arch not in ("mmrec", "gpt"):
@@ -62,12 +63,13 @@ class ModelConfig:
                             "and head_dim must be even (rotary positions)")
 
     @classmethod
-    def from_params(cls, model: ModelParams, rung: RungParams, vocab_size: int) -> "ModelConfig":
+    def from_params(cls, model: ModelParams, rung: RungParams, vocab_size: int, seq_len: int = 0) -> "ModelConfig":
         fields = {f.name for f in dataclasses.fields(cls)}
         picked = {k: v for k, v in model.model_dump().items() if k in fields}
         if rung.dropout is not None:
             picked["dropout"] = rung.dropout
-        return cls(**picked, vocab_size=vocab_size, width=rung.width, layers=rung.layers, memories=rung.memories)
+        return cls(**picked, vocab_size=vocab_size, width=rung.width, layers=rung.layers, memories=rung.memories,
+                   seq_len=seq_len)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

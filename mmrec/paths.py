@@ -5,12 +5,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SPLITS = ("train", "val", "test")
+DATA, MODELS = Path("data"), Path("models")  # every stage's outputs live under these and METRICS (and checkpoints/)
 PARAMS_OK = Path("data/params.ok")  # written by the validate stage; every stage depends on it
 RAW = Path("data/raw")
 PREPARED = Path("data/prepared")
 TOKENS = Path("data/tokens")
 TOKENIZER = Path("models/tokenizer")
 METRICS = Path("metrics")
+# What the stages that run once per pipeline write, as their outs in dvc.yaml (tests/test_config.py checks
+# the two agree): a rung's files must never land on these (see `taken_by`).
+SHARED_OUTS = (PARAMS_OK, PREPARED, METRICS / "download.json", METRICS / "speed" / "download.json",
+               TOKENIZER, TOKENS, METRICS / "tokenizer.json", METRICS / "speed" / "tokenizer.json")
 
 
 @dataclass
@@ -19,6 +24,12 @@ class RungPaths:
     root: Path
     rung: str
     checkpoint_dir: str = "checkpoints"
+
+    @property
+    def outs(self) -> tuple[Path, ...]:
+        """Every path this rung's stages write (its model folder holds the rest), and its checkpoints."""
+        return (self.model(), self.ckpt, self.metrics, self.eval_metrics, self.doc_scores, self.speed,
+                self.train_curve, self.val_curve, self.plot, self.summary)
 
     def model(self, rung: str | None = None) -> Path:
         return self.root / "models" / (rung or self.rung)
@@ -95,3 +106,13 @@ class RungPaths:
     @property
     def tokenizer(self) -> Path:
         return self.root / TOKENIZER / "spm.model"
+
+
+def taken_by(rung: str, checkpoint_dir: str = "checkpoints") -> tuple[Path, Path] | None:
+    """(the rung's path, the shared output it would overwrite or write into), or None when a rung may take
+    this name: `tokenizer` would put its model beside spm.model, `download` its timing over the corpus's."""
+    for mine in RungPaths(Path(), rung, checkpoint_dir).outs:
+        for theirs in SHARED_OUTS:
+            if mine == theirs or theirs in mine.parents or mine in theirs.parents:
+                return mine, theirs
+    return None

@@ -265,6 +265,7 @@ def promote_rung(params: Params, rung: str, root: Path = Path(".")) -> Decision:
     checkpoint) and move the aliases by alias_rule. Writes promotion.json (the whole decision) and handoff.json
     (rung, verdict, checkpoint sha256). A rejection raises `Rejected` unless promote.on_reject is 'continue'."""
     from mmrec import track
+    from mmrec.store import faults_as_errors
     from mmrec.tokenizer import read_header
 
     paths = RungPaths(root, rung)
@@ -275,7 +276,7 @@ def promote_rung(params: Params, rung: str, root: Path = Path(".")) -> Decision:
     d.run_id, d.checkpoint_sha256, d.data_sha256 = run_id, sha, header["data_sha256"]
     d.dvc_exp_name = os.environ.get("DVC_EXP_NAME", "")
     run = track.Run.resume(params.mlflow, run_id, rung, {"rung": rung})
-    with track.closed_on_failure(run), track.faults_as_errors(run.store.uri):
+    with track.closed_on_failure(run), faults_as_errors(run.store.uri):
         if d.promoted:
             publish(run, d, params, paths)
         tags = {"promote.decision": "promoted" if d.promoted else "rejected", "promote.reason": d.reason,
@@ -322,7 +323,7 @@ def publish(run, d: Decision, params: Params, paths: RungPaths) -> None:
     """Register the promoted checkpoint (once) and move its aliases; fills in d's registry fields."""
     from mmrec import registry, track
 
-    p, c, rung = params.promote, run.client, d.rung
+    p, c, rung = params.promote, run.store.waiting(), d.rung  # every registry call waits on a locked store
     name = d.registered_model = p.registered_model
     run_tags = c.get_run(run.id).data.tags
     tags = {"rung": rung, "dvc_exp_name": d.dvc_exp_name,

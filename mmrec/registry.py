@@ -105,20 +105,27 @@ def register(run, name: str, checkpoint: Path, tokenizer: Path, *, tags: dict[st
              metrics: dict[str, float]) -> str:
     """Log the checkpoint as a pyfunc model of `run` carrying `metrics`, register it as a new version of `name`
     linked to that logged model, with `tags` and a one-line `description`. Returns the version number."""
-    from mmrec.track import fluent_store
+    from mmrec.procs import owner
+    from mmrec.store import fluent_store
+    from mmrec.track import OWNER_TAG
 
     logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)  # the pickled wrapper is stateless: no warning
+    call = run.store.call  # each store call waits on a locked store, within mlflow.lock_timeout_s
     with fluent_store(run.client.tracking_uri), _served_code() as code:
-        with mlflow.start_run(run_id=run.id):
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=MMRecPyfunc(), code_paths=[str(code)],
+        call(mlflow.start_run, run_id=run.id)  # the logged model belongs to the run
+        try:
+            info = call(
+                mlflow.pyfunc.log_model, name="model", python_model=MMRecPyfunc(), code_paths=[str(code)],
                 input_example=(["In the beginning"], DEFAULTS),  # input and params: the signature and its defaults
                 artifacts={"checkpoint": str(checkpoint), "tokenizer": str(tokenizer)},
-                pip_requirements=[f"{p}=={_version(p)}" for p in ("torch", "sentencepiece", "numpy", "pydantic")])
-            mlflow.log_metrics(metrics, model_id=info.model_id)
+                pip_requirements=[f"{p}=={_version(p)}" for p in ("torch", "sentencepiece", "numpy", "pydantic")],
+                tags={OWNER_TAG: owner()})  # a kill before the version below leaves it to mmrec/cleanup.py
+            call(mlflow.log_metrics, metrics, model_id=info.model_id)
+        finally:
+            call(mlflow.end_run)
         # through models:/<model_id>, so the version knows its logged model and the model lists the version
-        version = mlflow.register_model(info.model_uri, name, tags=tags | {"model_id": info.model_id}).version
-    run.client.update_model_version(name, version, description=description)
+        version = call(mlflow.register_model, info.model_uri, name, tags=tags | {"model_id": info.model_id}).version
+    call(run.client.update_model_version, name, version, description=description)
     return str(version)
 
 
@@ -144,7 +151,7 @@ def _version(package: str) -> str:
 @contextlib.contextmanager
 def locked(tracking_uri: str) -> Iterator[None]:
     """One promotion at a time reads and moves the aliases: queued experiments promote concurrently."""
-    from mmrec.track import local_store
+    from mmrec.store import local_store
 
     store = local_store(tracking_uri)
     if store is None or not tracking_uri.startswith("sqlite:"):
@@ -314,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     from mlflow import MlflowClient
 
     from mmrec.config import PARAMS_FILE, load_params
-    from mmrec.track import store_settings
+    from mmrec.store import store_settings
 
     uri, _ = store_settings(args.tracking_uri, None)
     name = args.model or (load_params().promote.registered_model if PARAMS_FILE.exists() else "mmrec")

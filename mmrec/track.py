@@ -1,63 +1,39 @@
-"""MLflow tracking: runs, their params, metrics and artifacts (registry.py holds the model registry).
+"""MLflow tracking: one run, its params, metrics and artifacts (store.py opens the store; pipeline_run.py finds a
+rung's parent run and names it; registry.py holds the model registry).
 
 One MLflow run per rung. The stage that trains a rung opens it and writes its id to
 models/<rung>/run.json; evaluate and promote reopen the same run through that file, so a rung's
 whole story (params, curves, test metrics, the gate) sits in one place in `mlflow ui`.
-
-The rung runs of one pipeline execution (`dvc repro`, one `dvc exp run`, one queued experiment) nest
-under a parent run that carries the headline: best test bits per byte and the champion rung. Stages
-are separate processes, so each finds its parent by a key that is the same for every stage of one
-execution and differs between executions: the DVC experiment name, its baseline commit, the params
-digest, and the dvc process that runs the stages (see `pipeline_key`).
 """
 from __future__ import annotations
 
 import contextlib
 import getpass
-import hashlib
 import json
 import logging
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Iterator
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # telemetry stays off unless the user turns it on
-os.environ.setdefault("DO_NOT_TRACK", "true")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stage logs stay readable
-# A tracking server that is down should fail a stage in seconds, not after MLflow's default ~2 minutes of retries.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-logging.getLogger("alembic").setLevel(logging.WARNING)  # schema migrations on a fresh store are noise
+# store.py first: it sets MLflow's environment (telemetry off, short HTTP retries) before mlflow is imported
+from mmrec.store import STORE_FAULTS, Store, StoreError, _missing_run, describe, experiment_id, fluent_store  # noqa: I001
 
 import mlflow  # noqa: E402
-from filelock import FileLock  # noqa: E402
+import pandas as pd  # noqa: E402  (mlflow loads it anyway)
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
-from sqlalchemy.exc import SQLAlchemyError  # noqa: E402
 
-from mmrec.config import PARAMS_FILE, DataParams, MlflowParams, Params, flatten  # noqa: E402
+from mmrec.config import DataParams, MlflowParams  # noqa: E402
 from mmrec.errors import UserError  # noqa: E402
 from mmrec.files import dvc_fix, load_json  # noqa: E402
 from mmrec.paths import SPLITS  # noqa: E402
+from mmrec.procs import owner, owner_alive  # noqa: E402
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
-# The user's choice, read once: mlflow.set_tracking_uri() writes this variable itself, so reading it
-# later would return whatever store this process touched last.
-USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
-
-
-T = TypeVar("T")
-STORE_FAULTS = (MlflowException, SQLAlchemyError, OSError)  # OSError covers requests' connection errors too
-
-
-class StoreError(UserError):
-    """The tracking store cannot be opened or written: one line naming the store and what to do."""
 
 
 def read_run_id(model_dir: Path) -> str:
@@ -66,138 +42,14 @@ def read_run_id(model_dir: Path) -> str:
     return str(read_json(path, f"train@{model_dir.name}", "run_id"))
 
 
-def repo_root() -> Path:
-    """The main repository: DVC's queued experiments run in a temporary copy but set DVC_ROOT to it."""
-    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
-
-
-def tracking_uri(params: MlflowParams) -> str:
-    """MLFLOW_TRACKING_URI wins; a relative sqlite path or directory resolves against the main repository."""
-    uri = USER_TRACKING_URI or params.tracking_uri
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{repo_root() / uri.removeprefix('sqlite:///')}"
-    if "://" not in uri:
-        return str(repo_root() / uri)
-    return uri
-
-
-def artifact_location(params: MlflowParams) -> str:
-    root = params.artifact_root
-    return root if "://" in root else (repo_root() / root).as_uri()
-
-
-def _locked(err: BaseException) -> bool:
-    return "database is locked" in str(err) or "database table is locked" in str(err)
-
-
-def _missing_run(err: BaseException) -> bool:
-    return isinstance(err, MlflowException) and err.error_code == "RESOURCE_DOES_NOT_EXIST"
-
-
-# How requests words a server that is down (refused) or that died in the middle of a reply (broken, aborted).
-UNREACHABLE = ("Max retries exceeded", "Connection refused", "Connection broken", "Connection aborted")
-
-
-def describe(err: BaseException, store: str) -> str:
-    """One line for a store fault: which store, what went wrong, what to do."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if isinstance(err, OSError) and getattr(err, "filename", None):  # the artifact root or the database's folder
-        where = err.filename
-        return (f"MLflow store {store}: cannot write {where} ({err.strerror or type(err).__name__}); "
-                "make it a writable directory or set mlflow.artifact_root")
-    if "file is not a database" in text or "file is encrypted" in text:
-        return (f"MLflow store {store}: not an SQLite database (damaged?); move it aside to start a new store, "
-                "or point mlflow.tracking_uri / MLFLOW_TRACKING_URI at another")
-    if "unable to open database file" in text or "readonly database" in text:
-        return (f"MLflow store {store}: cannot open the database for writing; check the file and its directory "
-                "are writable, or point mlflow.tracking_uri elsewhere")
-    if isinstance(err, OSError) or any(sign in text for sign in UNREACHABLE):
-        return (f"MLflow store {store}: unreachable ({type(err).__name__}); start the tracking server or fix "
-                "MLFLOW_TRACKING_URI, then rerun `dvc repro` (it resumes)")
-    return f"MLflow store {store}: {text[:300]}"
-
-
-class Store:
-    """Every call to the tracking store goes through `call`: a locked sqlite database is waited on with
-    backoff up to mlflow.lock_timeout_s; any other fault becomes one StoreError line."""
-
-    def __init__(self, params: MlflowParams):
-        self.uri, self.wait_s = tracking_uri(params), params.lock_timeout_s
-        self.client = self.call(self._open)
-
-    def _open(self) -> MlflowClient:
-        if not self.uri.startswith("sqlite:///"):
-            return MlflowClient(self.uri, self.uri)
-        # The first client of a new sqlite store creates its tables; two queued experiments doing that at
-        # once collide in the schema migration, so opening a store is serialised by a lock file beside it.
-        db = Path(self.uri.removeprefix("sqlite:///"))
-        db.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(f"{db}.lock"):
-            c = MlflowClient(self.uri, self.uri)
-            c._tracking_client.store  # opens (and if new, creates) the database now, inside the lock
-            return c
-
-    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        deadline, delay = None, 1.0
-        while True:
-            try:
-                return fn(*args, **kwargs)
-            except STORE_FAULTS as err:
-                if _missing_run(err):
-                    raise
-                if not _locked(err):
-                    raise StoreError(describe(err, self.uri)) from None
-                now = time.monotonic()
-                if deadline is None:
-                    deadline = now + self.wait_s
-                    print(f"waiting for the MLflow store {self.uri}: locked by another process "
-                          f"(up to {self.wait_s:.0f}s, mlflow.lock_timeout_s)", file=sys.stderr, flush=True)
-                if now + delay > deadline:
-                    raise StoreError(f"MLflow store {self.uri}: still locked by another process after "
-                                     f"{self.wait_s:.0f}s; let it finish or raise mlflow.lock_timeout_s") from None
-                time.sleep(delay)
-                delay = min(delay * 2, 10.0)
-
-
-def client(params: MlflowParams) -> MlflowClient:
-    return Store(params).client
-
-
-@contextlib.contextmanager
-def fluent_store(uri: str) -> Iterator[None]:
-    """MLflow's fluent API (start_run, log_model, load_model, search_runs) reads one process-wide URI,
-    and set_tracking_uri() also exports it to every child process: point it at `uri` for this block only."""
-    saved = {var: os.environ.get(var) for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
-        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
-        for var, value in saved.items():
-            if value is None:
-                os.environ.pop(var, None)
-            else:
-                os.environ[var] = value
-
-
-def experiment_id(c: MlflowClient, params: MlflowParams) -> str:
-    exp = c.get_experiment_by_name(params.experiment)
-    if exp is not None:
-        return exp.experiment_id
-    # a local store keeps artifacts under mlflow.artifact_root; a tracking server decides (and serves) its own
-    local = c.tracking_uri.startswith("sqlite:") or "://" not in c.tracking_uri
-    location = artifact_location(params) if local else None
-    try:
-        if location and location.startswith("file:"):
-            Path(location.removeprefix("file://")).mkdir(parents=True, exist_ok=True)  # a bad root fails here
-        return c.create_experiment(params.experiment, artifact_location=location)
-    except MlflowException as err:  # a concurrent run created it first
-        exp = c.get_experiment_by_name(params.experiment)
-        if exp is None:
-            raise err
-        return exp.experiment_id
+def read_json(path: Path, stage: str, key: str | None = None) -> Any:
+    """A small JSON output of a stage; a missing or damaged one is one line naming the file and the fix."""
+    data = load_json(path, stage)
+    if key is not None:
+        if not isinstance(data, dict) or key not in data:
+            raise UserError(f"{path}: has no '{key}' (damaged?); {dvc_fix(stage)}")
+        return data[key]
+    return data
 
 
 def git(*args: str) -> str:
@@ -253,84 +105,6 @@ def source_name() -> str:
         return script.name
 
 
-# ---- which pipeline execution a stage belongs to, and what its runs are called ----
-
-def dvc_execution() -> str:
-    """'<pid>:<start time>' of the nearest `dvc` process above this one: every stage of one `dvc repro`,
-    `dvc exp run` or queued experiment (`dvc exp exec-run`, one per experiment under `dvc queue start -j N`)
-    shares it, and two executions never do. '' when no dvc process started us (a stage run by hand)."""
-    import psutil
-
-    try:
-        proc = psutil.Process().parent()
-        while proc is not None:
-            cmd = proc.cmdline()
-            if any(Path(a).name == "dvc" for a in cmd[:2]) or cmd[1:3] == ["-m", "dvc"]:
-                return f"{proc.pid}:{proc.create_time():.2f}"
-            proc = proc.parent()
-    except psutil.Error:
-        pass
-    return ""
-
-
-def pipeline_key(params: Params) -> str:
-    """Equal for every stage of one pipeline execution, different for any two (see dvc_execution)."""
-    parts = [os.environ.get("DVC_EXP_NAME") or "workspace",
-             os.environ.get("DVC_EXP_BASELINE_REV") or git_commit(), params.digest(), dvc_execution()]
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
-
-
-def _short(value: Any, limit: int = 24) -> str:
-    text = f"{value:g}" if isinstance(value, float) else str(value)
-    return text if len(text) <= limit else text[:limit - 1] + "…"
-
-
-def changed_params(root: Path = Path(".")) -> dict[str, Any]:
-    """Params that differ from the commit the run started from (what `dvc exp run -S` changed), dotted keys."""
-    import yaml
-
-    rev = os.environ.get("DVC_EXP_BASELINE_REV") or "HEAD"
-    base_text = git("show", f"{rev}:{PARAMS_FILE.as_posix()}")
-    path = root / PARAMS_FILE
-    if not base_text or not path.exists():
-        return {}
-    try:
-        base, now = flatten(yaml.safe_load(base_text) or {}), flatten(yaml.safe_load(path.read_text()) or {})
-    except yaml.YAMLError:
-        return {}
-    return {k: v for k, v in now.items() if base.get(k) != v}
-
-
-def run_label(root: Path = Path(".")) -> str:
-    """What sets this run apart, in a few characters: the changed params ('lr=0.001, arch=gpt'), else the branch."""
-    changed = changed_params(root)
-    if changed:
-        leaves = [k.rsplit(".", 1)[-1] for k in changed]
-        parts = [f"{leaf if leaves.count(leaf) == 1 else key}={_short(v)}"
-                 for key, leaf, v in zip(changed, leaves, changed.values())]
-        return ", ".join(parts[:2]) + (f" +{len(parts) - 2}" if len(parts) > 2 else "")
-    branch = git("rev-parse", "--abbrev-ref", "HEAD")
-    return branch if branch and branch != "HEAD" else git("rev-parse", "--short", "HEAD") or "local"
-
-
-def store_lock(uri: str) -> FileLock:
-    """A lock every process of this machine naming runs in this store shares (one file per store, in the temp dir)."""
-    return FileLock(Path(tempfile.gettempdir()) / f"mmrec-runs-{hashlib.sha256(uri.encode()).hexdigest()[:12]}.lock")
-
-
-def name_tag(base: str) -> str:
-    """The tag value of runs named `base` (a digest: a name may hold quotes that a search filter cannot)."""
-    return hashlib.sha256(base.encode()).hexdigest()[:16]
-
-
-def unique_name(c: MlflowClient, exp_id: str, base: str) -> str:
-    """`base`, or `base #n` when n - 1 runs already carry it (call under store_lock)."""
-    taken = c.search_runs([exp_id], filter_string=f"tags.`mmrec.name_base` = '{name_tag(base)}'", max_results=1000)
-    return base if not taken else f"{base} #{len(taken) + 1}"
-
-
-# ---- datasets ----
-
 def _source_type(source: str) -> str:
     if source.startswith(("http://", "https://")):
         return "http"
@@ -361,6 +135,14 @@ def split_datasets(data: DataParams, tokens_dir: Path) -> list[DatasetInput]:
 
 
 PARENT_TAG = "mlflow.parentRunId"  # MLflow nests a run under the run this tag names
+# procs.owner() of the process a run is RUNNING in (for a pipeline's run, its dvc process), or that logged a
+# model: once that process is gone, the run or model is a dead attempt's (see close_abandoned).
+OWNER_TAG = "mmrec.owner"
+
+
+def dead(tags: dict[str, str]) -> bool:
+    """Whether the owner these tags name is gone (False when it is alive, unknown, or on another machine)."""
+    return OWNER_TAG in tags and owner_alive(tags[OWNER_TAG]) is False
 
 
 class Run:
@@ -377,7 +159,7 @@ class Run:
     @classmethod
     def start(cls, params: MlflowParams, name: str, tags: dict[str, str], *, parent_id: str | None = None) -> "Run":
         store = Store(params)
-        tags = {**context_tags(), **tags, **({PARENT_TAG: parent_id} if parent_id else {})}
+        tags = {**context_tags(), **tags, OWNER_TAG: owner(), **({PARENT_TAG: parent_id} if parent_id else {})}
         exp = store.call(experiment_id, store.client, params)
         run = store.call(store.client.create_run, exp, run_name=name, tags=tags)
         if parent_id:
@@ -392,6 +174,7 @@ class Run:
         at steps the run already holds, so a resumed training logs nothing twice."""
         store = Store(params)
         try:
+            store.call(store.client.set_tag, run_id, OWNER_TAG, owner())  # RUNNING in this process from now on
             store.call(store.client.update_run, run_id, status="RUNNING")
         except MlflowException as err:
             if not _missing_run(err):
@@ -411,11 +194,14 @@ class Run:
             run._logged = {key: max((m.step for m in store.call(store.client.get_metric_history, run_id, key)),
                                     default=-1) for key in data.metrics}
         return run.watch_system(params, resume=True) if system_metrics else run
+
     def watch_system(self, params: MlflowParams, resume: bool = False) -> "Run":
         """Start MLflow's system-metrics monitor (`mlflow.system_metrics: false` turns it off). It samples
         every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (10 by default)."""
         if params.system_metrics:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+            from mlflow.system_metrics.system_metrics_monitor import (
+                SystemMetricsMonitor,
+            )
 
             logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop chatter
             self._monitor = SystemMetricsMonitor(self.id, resume_logging=resume, tracking_uri=self.client.tracking_uri)
@@ -429,8 +215,8 @@ class Run:
         monitor.finish()
         # a run shorter than one sampling interval would have no sample at all: log the one in hand
         monitor.collect_metrics()
-        monitor.publish_metrics(monitor.aggregate_metrics())
-        monitor.mlflow_logger.flush()
+        self.store.call(monitor.publish_metrics, monitor.aggregate_metrics())
+        self.store.call(monitor.mlflow_logger.flush)
 
     def log_params(self, flat: dict[str, Any]) -> None:
         items = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in sorted(flat.items())]
@@ -496,35 +282,58 @@ def closed_on_failure(run: Run | None) -> Iterator[Run | None]:
         raise
 
 
-@contextlib.contextmanager
-def faults_as_errors(store: str) -> Iterator[None]:
-    """For a block of direct client calls (the registry's): a store fault becomes one StoreError line."""
-    try:
-        yield
-    except STORE_FAULTS as err:
-        raise StoreError(describe(err, store)) from None
-
-
-def close_abandoned(params: MlflowParams, rung: str) -> None:
-    """Mark KILLED the RUNNING runs of `rung` that an earlier, killed process in this workspace left behind
-    (it died before its first checkpoint, so nothing resumes them)."""
+def close_abandoned(params: MlflowParams, rung: str | None = None) -> list[str]:
+    """End the runs of dead attempts (of `rung`, or of every rung): a RUNNING run whose process is gone ends
+    KILLED, and so does the pipeline run of a dvc process that is gone; each pipeline run touched is refreshed
+    (FAILED once none of its rungs runs). Runs of live processes, or of other machines, are left alone.
+    Returns the names of the runs it ended."""
     store = Store(params)
     exp = store.call(store.client.get_experiment_by_name, params.experiment)
     if exp is None:
-        return
-    query = (f"tags.rung = '{rung}' and tags.workspace = '{workspace()}' and attributes.status = 'RUNNING'")
-    for r in store.call(store.client.search_runs, [exp.experiment_id], query):
-        store.call(store.client.set_terminated, r.info.run_id, "KILLED")
+        return []
+    query = "attributes.status = 'RUNNING'" + (f" and tags.rung = '{rung}'" if rung else "")
+    running = store.call(store.client.search_runs, [exp.experiment_id], query, max_results=10000)
+    ended, parents = [], set()
+    for r in running:
+        tags = r.data.tags
+        if tags.get("kind") == "pipeline":
+            if dead(tags):
+                parents.add(r.info.run_id)
+        elif dead(tags) or (OWNER_TAG not in tags and tags.get("workspace") == workspace()):  # (older runs: no owner)
+            store.call(store.client.set_terminated, r.info.run_id, "KILLED")
+            ended.append(r.info.run_name)
+            if tags.get(PARENT_TAG):
+                parents.add(tags[PARENT_TAG])
+    for parent in parents:
+        if store.call(refresh_pipeline, store.client, parent) != "RUNNING":
+            ended.append(store.call(store.client.get_run, parent).info.run_name)
+    return ended
 
 
-def read_json(path: Path, stage: str, key: str | None = None) -> Any:
-    """A small JSON output of a stage; a missing or damaged one is one line naming the file and the fix."""
-    data = load_json(path, stage)
-    if key is not None:
-        if not isinstance(data, dict) or key not in data:
-            raise UserError(f"{path}: has no '{key}' (damaged?); {dvc_fix(stage)}")
-        return data[key]
-    return data
+def drop_orphan_models(params: MlflowParams) -> list[str]:
+    """Delete the logged models (and their weights) that a dead process logged but that no registered version
+    points at: a promote killed while it registered leaves one behind. Returns their ids."""
+    store = Store(params)
+    exp = store.call(store.client.get_experiment_by_name, params.experiment)
+    if exp is None:
+        return []
+    ours = store.call(store.client.search_logged_models, [exp.experiment_id], filter_string=f"tags.`{OWNER_TAG}` != ''",
+                      order_by=[{"field_name": "creation_timestamp", "ascending": False}], max_results=1000)  # newest
+    orphans = [m for m in ours if dead(m.tags)]
+    if not orphans:
+        return []
+    versions = store.call(store.client.search_model_versions, max_results=10000)
+    pointed = {v.model_id for v in versions} | {v.source.removeprefix("models:/") for v in versions}
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    dropped = []
+    for m in orphans:
+        if m.model_id in pointed:
+            continue
+        store.call(get_artifact_repository(m.artifact_location).delete_artifacts)
+        store.call(store.client.delete_logged_model, m.model_id)
+        dropped.append(m.model_id)
+    return dropped
 
 
 def test_metric_names(metrics: dict[str, float]) -> dict[str, float]:
@@ -533,49 +342,10 @@ def test_metric_names(metrics: dict[str, float]) -> dict[str, float]:
     return {f"test/{k.removeprefix('test_')}": float(v) for k, v in metrics.items()}
 
 
-def pipeline_run(params: Params, label: str, inputs: list[DatasetInput]) -> str:
-    """The parent run of this pipeline execution: found by its key, or created (under the store's lock, so two
-    stages can never make two)."""
-    store = Store(params.mlflow)
-    c = store.client
-    exp_id = store.call(experiment_id, c, params.mlflow)
-    key = pipeline_key(params)
-    with store_lock(store.uri), faults_as_errors(store.uri):
-        found = c.search_runs([exp_id], filter_string=f"tags.`mmrec.pipeline` = '{key}'", max_results=1)
-        if found:
-            return found[0].info.run_id
-        exp = os.environ.get("DVC_EXP_NAME")
-        base = f"pipeline · {label}" + (f" · {exp}" if exp else "")
-        tags = {**context_tags(), "mmrec.pipeline": key, "mmrec.name_base": name_tag(base), "kind": "pipeline"}
-        run = c.create_run(exp_id, run_name=unique_name(c, exp_id, base), tags=tags)
-    parent = Run(store, run.info.run_id)
-    parent.log_params(params.flat())
-    parent.log_inputs(inputs)
-    return parent.id
-
-
-def start_rung_run(params: Params, rung: str, tags: dict[str, str], root: Path = Path(".")) -> Run:
-    """A rung's run, named '<rung> · <what sets it apart>[ · <dvc exp>]', nested under its pipeline's run,
-    with the data splits as dataset inputs and system metrics on (unless mlflow.system_metrics is false)."""
-    from mmrec.paths import TOKENS
-
-    label = run_label(root)
-    inputs = split_datasets(params.data, root / TOKENS)
-    parent_id = pipeline_run(params, label, inputs)
-    exp = os.environ.get("DVC_EXP_NAME")
-    base = f"{rung} · {label}" + (f" · {exp}" if exp else "")
-    store = Store(params.mlflow)
-    with store_lock(store.uri):
-        name = store.call(unique_name, store.client, store.call(experiment_id, store.client, params.mlflow), base)
-        run = Run.start(params.mlflow, name, {**tags, "mmrec.name_base": name_tag(base), "kind": "rung"},
-                        parent_id=parent_id)
-    run.log_inputs(inputs)
-    return run
-
-
-def refresh_pipeline(c: MlflowClient, parent_id: str) -> None:
+def refresh_pipeline(c: MlflowClient, parent_id: str) -> str:
     """Put the headline of a pipeline's rungs on its parent run: best test bits per byte (full context), the
-    rung that became champion (if any did), and a status that is RUNNING while any rung runs. Missing figures are skipped."""
+    rung that became champion (if any did), and a status that is RUNNING while any rung runs (before the first,
+    while its dvc process runs). Missing figures are skipped. Returns the status it leaves."""
     parent = c.get_run(parent_id)
     children = c.search_runs([parent.info.experiment_id], filter_string=f"tags.{PARENT_TAG} = '{parent_id}'",
                              max_results=1000)
@@ -599,25 +369,18 @@ def refresh_pipeline(c: MlflowClient, parent_id: str) -> None:
     c.log_batch(parent_id, metrics=[Metric(k, v, ts, 0) for k, v in metrics.items()],
                 tags=[RunTag(k, str(v)) for k, v in tags.items()])
     statuses = {r.info.status for r in children}
-    if "RUNNING" in statuses:
-        return
-    c.set_terminated(parent_id, "FAILED" if statuses & {"FAILED", "KILLED"} else "FINISHED")
+    if not children:  # no rung started yet: it runs as long as its dvc process does
+        status = "KILLED" if dead(parent.data.tags) else parent.info.status
+    elif "RUNNING" in statuses:
+        status = "RUNNING"
+    else:
+        status = "FAILED" if statuses & {"FAILED", "KILLED"} else "FINISHED"
+    if status not in ("RUNNING", parent.info.status):
+        c.set_terminated(parent_id, status)
+    return status
 
 
 # Reading runs back, for `python -m mmrec.compare`.
-import pandas as pd  # noqa: E402  (mlflow loads it anyway)
-
-
-def local_store(uri: str) -> Path | None:
-    """The file or folder a local tracking URI points at (None for a server): MLflow creates it when it is missing."""
-    if uri.startswith("sqlite:///"):
-        return Path(uri.removeprefix("sqlite:///"))
-    if uri.startswith("file:"):
-        from urllib.parse import urlparse
-
-        return Path(urlparse(uri).path)
-    return None if "://" in uri else Path(uri)
-
 
 def experiment_names(uri: str) -> list[str]:
     return sorted(e.name for e in MlflowClient(uri).search_experiments())
@@ -638,16 +401,3 @@ def metric_histories(uri: str, run_ids: list[str], key: str) -> dict[str, list[t
     c = MlflowClient(uri)
     return {rid: [(m.step, m.value) for m in sorted(c.get_metric_history(rid, key), key=lambda m: (m.step, m.timestamp))]
             for rid in run_ids}
-
-
-def store_settings(tracking_uri_flag: str | None, experiment_flag: str | None) -> tuple[str, str]:
-    """For the commands that read the store: (tracking URI, experiment), from their flags first, then
-    params.yaml, then the schema's defaults; a local store that does not exist is an error, not created."""
-    from mmrec.config import PARAMS_FILE, load_params
-
-    mlflow_params = load_params().mlflow if PARAMS_FILE.exists() else MlflowParams()
-    uri = tracking_uri_flag or tracking_uri(mlflow_params)
-    store = local_store(uri)
-    if store is not None and not store.exists():  # reading a missing store would create an empty one
-        raise UserError(f"no MLflow store at {store} (tracking URI {uri}); train a rung first or pass --tracking-uri")
-    return uri, experiment_flag or mlflow_params.experiment

@@ -15,7 +15,7 @@ from mmrec.errors import exits_cleanly  # noqa: E402
 @exits_cleanly
 def main() -> None:
     params = load_params()
-    manifest = build_corpus(params.data, progress=True)
+    manifest = build_corpus(params.data, progress=sys.stderr.isatty())  # bars for a person, not a log
     print(
         f"corpus {manifest['source']}: {manifest['documents_read']} documents read, "
         f"{manifest['short_dropped']} too short, {manifest['duplicates_dropped']} duplicates dropped"

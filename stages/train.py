@@ -2,6 +2,9 @@
 
     python stages/train.py tiny
     torchrun --nproc_per_node 2 stages/train.py tiny     # data-parallel (train.nproc > 1 does this for you)
+
+With train.nnodes > 1, `dvc repro` on one node and `python stages/train.py tiny` on each other node, in clones
+at the same commit with the same params (docs/gpus.md, "More than one machine").
 """
 import os
 import sys
@@ -16,10 +19,12 @@ from mmrec.errors import exits_cleanly  # noqa: E402
 @exits_cleanly
 def main(argv: list[str]) -> None:
     params, rung = load_rung_params(argv, "train")
-    if params.train.nproc > 1 and "LOCAL_RANK" not in os.environ:  # relaunch under torch's own launcher
-        os.execvp(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                   f"--nproc_per_node={params.train.nproc}", __file__, rung])
-    from mmrec.train import train_rung
+    tp = params.train
+    if tp.nproc * tp.nnodes > 1 and "LOCAL_RANK" not in os.environ:  # run again under torch's own launcher
+        from mmrec.distributed import launch
+
+        sys.exit(launch(__file__, [rung], tp.nproc, tp.nnodes, tp.rdzv_endpoint))
+    from mmrec.rung import train_rung
 
     metrics = train_rung(params, rung)
     if metrics is not None:  # rank 0

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
-import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,10 +27,24 @@ OBJECTS = ["the mountain", "the house of David", "Jerusalem", "the river", "the 
 
 
 @pytest.fixture(autouse=True)
+def _sys_path_restored():
+    """mlflow.pyfunc.load_model puts a model's code folder (a partial copy of mmrec) first on sys.path: a process
+    that a later test spawns would import that copy instead of the package under test."""
+    saved = list(sys.path)
+    yield
+    sys.path[:] = saved
+
+
+@pytest.fixture(autouse=True)
 def _no_inherited_mlflow_store(monkeypatch):
-    """Stages started by a test must pick their store from params, not from a variable an earlier test set."""
-    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+    """Stages started by a test must pick their store from params, not from a variable an earlier test set.
+    Cleared after the test too: a module fixture set up before the next test's autouse fixtures would inherit it."""
+    variables = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    for var in variables:
         monkeypatch.delenv(var, raising=False)
+    yield
+    for var in variables:
+        os.environ.pop(var, None)
 
 
 def synthetic_documents(n_docs: int = 120, seed: int = 0) -> list[str]:
@@ -80,11 +96,25 @@ def dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProce
     return run(["dvc", *args], root, check=check)
 
 
-def free_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on now (for the `mlflow server` the tests start)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+LISTENING = re.compile(r"Uvicorn running on (http://\S+)")
+
+
+def start_server(cmd: list[str], log: Path, timeout: float = 120, **popen) -> tuple[subprocess.Popen, str]:
+    """Start a server that was told to listen on port 0, and return it with the URL it reports. The kernel picks
+    the port as the server binds it, so nothing else can take it in between (as it could a port probed, closed
+    and handed over). uvicorn, behind `mlflow server` and `mlflow models serve`, logs the line once it accepts
+    requests. Output goes to `log`, whose tail a failure shows."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **popen)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if found := LISTENING.search(log.read_text()):
+            return proc, found.group(1)
+        time.sleep(0.2)
+    if proc.poll() is None:
+        kill_tree(proc.pid)
+        proc.wait()
+    raise AssertionError(f"{' '.join(cmd[:3])} did not start listening in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 
 def kill_tree(pid: int) -> None:
@@ -96,10 +126,8 @@ def kill_tree(pid: int) -> None:
         p.kill()
 
 
-@pytest.fixture
-def project(tmp_path: Path, corpus_txt: Path):
-    """A fresh git + DVC copy of the repository with tiny params and the synthetic corpus; returns a setter for params."""
-    root = tmp_path / "repo"
+def make_project(root: Path, corpus: Path):
+    """A fresh git + DVC copy of the repository at `root` with tiny params reading `corpus`; returns a setter for params."""
     root.mkdir()
     for name in ["mmrec", "stages", "dvc.yaml", "params.yaml", ".gitignore", ".dvc/config", ".dvc/.gitignore"]:
         src = REPO / name
@@ -114,7 +142,7 @@ def project(tmp_path: Path, corpus_txt: Path):
         params = deep_merge(params, TINY_PARAMS)
         # mini keeps the budget these tests were written against, not the shipped ladder's
         params["ladder"]["mini"] |= {"max_steps": 300, "dropout": 0.0}
-        params["data"] |= {"source": str(corpus_txt), "val_fraction": 0.1, "test_fraction": 0.1}
+        params["data"] |= {"source": str(corpus), "val_fraction": 0.1, "test_fraction": 0.1}
         if "ladder" in sections:  # a ladder is replaced whole, never merged rung by rung
             params["ladder"] = sections.pop("ladder")
         params = deep_merge(params, sections)
@@ -124,7 +152,14 @@ def project(tmp_path: Path, corpus_txt: Path):
     run(["git", "init", "-q"], root)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], root)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"], root)
-    return root, set_params
+    return set_params
+
+
+@pytest.fixture
+def project(tmp_path: Path, corpus_txt: Path):
+    """A fresh git + DVC copy of the repository with tiny params and the synthetic corpus; returns a setter for params."""
+    root = tmp_path / "repo"
+    return root, make_project(root, corpus_txt)
 
 
 @pytest.fixture(scope="session")
@@ -158,3 +193,31 @@ def tiny_params(root: Path, **sections):
     raw = deep_merge(TINY_PARAMS, {"mlflow": {"tracking_uri": f"sqlite:///{root}/mlflow.db",
                                               "artifact_root": str(root / "mlruns")}})
     return parse_params(deep_merge(raw, sections))
+
+
+ONE_RUNG = {"ladder": {"tiny": {"width": 32, "layers": 1, "memories": 2, "after": "data/tokens"}}}
+
+
+def ran(output: str) -> list[str]:
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
+
+
+def edit_params(root: Path, edit) -> str:
+    """Apply `edit` to params.yaml; return the text it had, to put back."""
+    path = root / "params.yaml"
+    before = path.read_text()
+    params = yaml.safe_load(before)
+    edit(params)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return before
+
+
+@pytest.fixture
+def tokenized_project(project):
+    root, set_params = project
+    set_params(**ONE_RUNG)
+    dvc(root, "repro", "tokenizer")
+    from mlflow import MlflowClient
+
+    MlflowClient(f"sqlite:///{root}/mlflow.db").search_experiments()  # an initialised store
+    return root

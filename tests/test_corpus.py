@@ -1,9 +1,11 @@
 """mmrec.corpus: sources, cleaning, the stable split, outputs, and real HTTP downloads on 127.0.0.1."""
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
+import random
 import subprocess
 import sys
 import threading
@@ -11,15 +13,21 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+import mmrec.corpus
 from mmrec.config import DataParams
 from mmrec.corpus import (
+    DigestSet,
     DownloadError,
     build_corpus,
     clean,
     download,
+    escape,
     package_file,
     read_documents,
     resolve_source,
@@ -47,6 +55,22 @@ def prepared(root: Path, split: str) -> list[str]:
     return (root / "data/prepared" / f"{split}.txt").read_text(encoding="utf-8").splitlines()
 
 
+def compressed(path: Path, data: bytes, codec: str) -> Path:
+    """`data` written through pyarrow's streaming compressor, as a real .gz/.zst file of a corpus would be."""
+    with pa.CompressedOutputStream(str(path), codec) as out:
+        out.write(data)
+    return path
+
+
+def jsonl(texts: list[str]) -> bytes:
+    return "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
+
+
+def outputs(root: Path) -> dict[str, str]:
+    """sha256 of every file of data/prepared."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((root / "data/prepared").iterdir())}
+
+
 # ----------------------------------------------------------------------------------- cleaning
 
 
@@ -55,6 +79,33 @@ def test_clean_normalizes_drops_controls_and_collapses_whitespace():
     assert clean("a\r\nb\u00a0\u2028c") == "a b c"  # every whitespace run, newlines included, is one space
     assert clean("\u0928\u094d\u200d") == "\u0928\u094d\u200d"  # ZWJ carries meaning: kept
     assert clean("lone \ud800 surrogate") == "lone surrogate"  # could not be written as UTF-8
+
+
+def test_clean_keeping_the_layout_keeps_lines_and_indentation():
+    text = "\n\n  def f(x):\r\n\treturn x \\ 2   \r\n\n\n    # done\u2028last\x00 line\t\n  \n"
+    assert clean(text, keep_layout=True) == "  def f(x):\n\treturn x \\ 2\n\n\n    # done\nlast line"
+    assert clean(text) == "def f(x): return x \\ 2 # done last line"
+    assert clean(" \n \t\n", keep_layout=True) == ""
+
+
+def test_escape_keeps_a_document_on_one_line():
+    doc = "a\\nb\n\\\n c\\"  # a backslash before n, before a newline, and at the end
+    line = escape(doc)
+    assert "\n" not in line and line == "a\\\\nb\\n\\\\\\n c\\\\"
+
+
+def test_digest_set_matches_a_python_set():
+    rng = np.random.default_rng(0)
+    seen, reference = DigestSet(), set()
+    for _ in range(40):  # batches with repeats inside and across them, as corpus chunks have
+        batch = rng.integers(0, 3000, rng.integers(1, 200)).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        new = seen.add_new(batch)
+        expected = []
+        for value in batch.tolist():
+            expected.append(value not in reference)
+            reference.add(value)
+        assert new.tolist() == expected
+    assert len(seen) == len(reference) and len(seen._runs) <= 12  # runs merge: about log2(n) of them
 
 
 def test_duplicates_and_short_documents_are_dropped_and_counted(tmp_path):
@@ -379,3 +430,143 @@ def test_stage_script_exits_cleanly_on_a_user_error(tmp_path):
         "error: data.source = 'nowhere://x': unknown source kind; allowed: "
         "an http(s):// URL, a local file or directory (.txt/.jsonl/.parquet), or package:<import name>/<path>"
     ]
+
+
+# ------------------------------------------------------------------------ compressed streams
+
+
+def test_zst_and_gz_files_stream_like_plain_ones(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    compressed(corpus / "a.jsonl.zst", jsonl(["from a zst", "second a"]), "zstd")
+    compressed(corpus / "b.txt.gz", b"from b gz\n\nsecond b\n", "gzip")
+    gz = gzip.compress(b'{"text": "c one"}\n') + gzip.compress(b'{"text": "c two"}\n')  # two gzip members
+    (corpus / "c.jsonl.gz").write_bytes(gz)
+    table = pa.table({"text": ["from d parquet", "second d"]})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    compressed(corpus / "d.parquet.zst", sink.getvalue().to_pybytes(), "zstd")
+    from mmrec.corpus import input_files
+
+    files = input_files(corpus)
+    assert [p.name for p in files] == ["a.jsonl.zst", "b.txt.gz", "c.jsonl.gz", "d.parquet.zst"]
+    assert [d for f in files for d in read_documents(f)] == [
+        "from a zst", "second a", "from b gz", "second b", "c one", "c two", "from d parquet", "second d"]
+
+
+@pytest.mark.parametrize("name, codec", [("c.jsonl.zst", "zstd"), ("c.jsonl.gz", "gzip")])
+def test_a_cut_off_compressed_file_is_one_error_line_naming_it(tmp_path, name, codec):
+    whole = compressed(tmp_path / "whole", jsonl(docs(3000)), codec).read_bytes()
+    path = tmp_path / name
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(UserError) as err:
+        build_corpus(params(path), root=tmp_path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: not a whole {'.zst' if codec == 'zstd' else '.gz'} stream, cut off or damaged")
+    assert "\n" not in message and not (tmp_path / "data/prepared").exists()
+
+
+def test_max_documents_reads_only_the_start_of_a_source(tmp_path):
+    texts = code_docs(2000, seed=0)  # 6 MB
+    whole = compressed(tmp_path / "whole", jsonl(texts), "zstd").read_bytes()
+    path = tmp_path / "c.jsonl.zst"
+    path.write_bytes(whole[: len(whole) // 2])  # cut off: reading it to the end would fail
+    m = build_corpus(params(path, max_documents=200), root=tmp_path)
+    assert m["documents_read"] == 200
+    kept = {line for split in ("train", "val", "test") for line in prepared(tmp_path, split)}
+    assert kept == {clean(t) for t in texts[:200]}
+
+
+# Each reader runs in a fresh interpreter on a small and a 10x larger file, shaped like a multi-GB source by
+# small blocks and row groups; peak RSS must not follow the file (reading whole, it grew about 3x the file).
+RSS_SCRIPT = """
+import sys
+from pathlib import Path
+import mmrec.corpus as corpus
+from mmrec.config import DataParams
+from mmrec.memory import peak_rss_mb
+corpus.BLOCK_BYTES, corpus.PARQUET_BATCH_ROWS = 1 << 16, 64
+source, root = sys.argv[1], Path(sys.argv[2])
+corpus.build_corpus(DataParams(source=source, group_by=[], keep_layout=True), root=root, workers=1)
+print(peak_rss_mb())
+"""
+
+
+def peak_rss_mb(source: Path, root: Path) -> float:
+    done = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(source), str(root)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return float(done.stdout)
+
+
+@functools.cache
+def code_lines() -> tuple[str, ...]:
+    rng = random.Random(0)
+    words = "def return self value for in if else import from class while yield".split()
+    return tuple("    " * rng.randrange(4) + " ".join(rng.choices(words, k=8)) for _ in range(4096))
+
+
+def code_docs(n: int, seed: int) -> list[str]:
+    """Documents shaped like source files: about 3 KB of indented lines each, all different."""
+    lines = code_lines()
+    return [f"# file {seed}-{i}\n" + "\n".join(lines[(start := (i * 997 + seed) % 4000):start + 60])
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl.zst", "parquet"])
+def test_peak_memory_does_not_grow_with_the_file(tmp_path, fmt):
+    sizes = {}
+    for n in (400, 4_000):  # about 1 MB and 12 MB of text
+        texts = code_docs(n, seed=n)
+        path = tmp_path / f"c{n}.{fmt}"
+        if fmt == "parquet":
+            pq.write_table(pa.table({"text": texts}), path, row_group_size=256)
+        else:
+            compressed(path, jsonl(texts), "zstd")
+        text_mb = sum(len(t) for t in texts) / 1e6
+        sizes[n] = (text_mb, peak_rss_mb(path, tmp_path / f"root{n}"))
+    (small_mb, small_rss), (large_mb, large_rss) = sizes[400], sizes[4_000]
+    assert large_mb - small_mb > 10
+    assert large_rss - small_rss < 5, sizes  # a whole-file read adds 3x the 10 MB more text and more
+
+
+# ------------------------------------------------------------------------ parallel, caps
+
+
+def test_parallel_cleaning_writes_the_same_bytes_as_serial(tmp_path, monkeypatch):
+    monkeypatch.setattr(mmrec.corpus, "CHUNK_DOCS", 40)  # many chunks, duplicates across them
+    texts = code_docs(300, seed=1)
+    source = tmp_path / "c.jsonl"
+    source.write_bytes(jsonl(texts + texts[::7] + ["x"] * 5))
+    data = params(source, keep_layout=True, min_doc_chars=2)
+    serial = build_corpus(data, root=tmp_path / "serial", workers=1)
+    parallel = build_corpus(data, root=tmp_path / "parallel", workers=2)
+    assert outputs(tmp_path / "serial") == outputs(tmp_path / "parallel")
+    assert serial["duplicates_dropped"] == len(texts[::7]) and serial["short_dropped"] == 5
+    assert {k: v for k, v in parallel.items() if k != "seconds"} == {k: v for k, v in serial.items() if k != "seconds"}
+    speed = json.loads((tmp_path / "parallel/metrics/speed/download.json").read_text())
+    assert speed["workers"] == 2 and speed["worker_peak_rss_mb"] > 0 and speed["mb_per_s"] > 0
+
+
+def test_size_caps_keep_the_lowest_hashes_and_stay_stable_when_documents_are_added(tmp_path):
+    data = dict(val_fraction=0.2, test_fraction=0.2, val_max_bytes=2_000, test_max_bytes=3_000)
+    small = build_corpus(params(write_txt(tmp_path / "a.txt", docs(400)), **data), root=tmp_path / "small")
+    large = build_corpus(params(write_txt(tmp_path / "b.txt", docs(600, "other") + docs(400)), **data),
+                         root=tmp_path / "large")
+    assert small["moved_to_train"]["val"] > 0 and small["moved_to_train"]["test"] > 0
+    digest = lambda d: hashlib.sha256(d.encode()).digest()  # noqa: E731
+    for m, root in ((small, tmp_path / "small"), (large, tmp_path / "large")):
+        for split, cap in (("val", 2_000), ("test", 3_000)):
+            lines = prepared(root, split)
+            size = (root / "data/prepared" / f"{split}.txt").stat().st_size
+            assert size == m["splits"][split]["bytes"] <= cap and size > cap - 100  # full up to one document
+            # the kept ones are the lowest digests of the split's hash range; the rest went to train
+            moved = [d for d in prepared(root, "train") if split_of(digest(d), 0.2, 0.2) == split]
+            assert len(moved) == m["moved_to_train"][split]
+            assert max(map(digest, lines)) < min(map(digest, moved))
+    old = set(docs(400))
+    for split in ("val", "test"):
+        assert set(prepared(tmp_path / "large", split)) & old <= set(prepared(tmp_path / "small", split))
+    assert set(prepared(tmp_path / "small", "train")) <= set(prepared(tmp_path / "large", "train"))
+    with pytest.raises(UserError, match=r"data.val_max_bytes = 10 is smaller than every val document"):
+        build_corpus(params(tmp_path / "a.txt", val_max_bytes=10), root=tmp_path / "tiny")

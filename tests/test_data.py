@@ -31,3 +31,10 @@ def test_tiling_scores_every_token_once():
     windows = tiling_starts(23, 5)
     covered = [t for s, n in windows for t in range(s + 1, s + n + 1)]
     assert covered == list(range(1, 23))
+
+
+def test_windows_read_uint32_tokens_of_a_large_vocabulary():
+    tokens = np.array([70_000, 65_536, 3, 99_999], dtype=np.uint32)  # ids over 65535 (header dtype uint32)
+    x, y = window(tokens, 0, 3)
+    assert x.tolist() == [70_000, 65_536, 3] and y.tolist() == [65_536, 3, 99_999]
+    assert x.dtype == torch.int64

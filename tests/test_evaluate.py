@@ -71,15 +71,25 @@ def test_sliding_windows_score_every_target_once_with_half_a_window_of_context(n
     assert sorted(scored) == list(range(n - 1))
 
 
-def test_gpt_sliding_score_is_the_nll_of_each_target_once():
-    model = small_model("gpt")
-    tokens = np.random.default_rng(2).integers(0, 50, 90).astype(np.uint16)
-    s = score_context(model, tokens, 32, 4, torch.device("cpu"))  # windows of 32 sliding by 16
-    expected, tokens_t = 0.0, torch.from_numpy(tokens.astype(np.int64))
-    for start, length, skip in sliding_windows(len(tokens), 32, 16):
-        logits = model(tokens_t[None, start:start + length]).logits[0, skip:]
-        expected += F.cross_entropy(logits, tokens_t[start + 1 + skip:start + length + 1], reduction="sum").item()
-    assert s.tokens == 89 and s.nll_sum == pytest.approx(expected, rel=1e-5)
+# 90 tokens, 89 targets (target p is tokens[p + 1]), seq_len 32 sliding by 16, written out by hand: the first
+# window scores its 32 targets from token 0 on; each later one scores the next 16 (the last, the 9 left) and
+# reads from 32 tokens before its end, so every target after the first window has 16 or more tokens behind it.
+GPT_CONTEXT_FROM = [(range(0, 32), 0), (range(32, 48), 16), (range(48, 64), 32), (range(64, 80), 48),
+                    (range(80, 89), 57)]
+
+
+def test_gpt_sliding_score_is_the_nll_of_each_target_once_with_its_half_window_of_context():
+    model = small_model("gpt").double()  # a random model's NLL moves little with the context: keep the noise lower
+    tokens = torch.from_numpy(np.random.default_rng(2).integers(0, 50, 90).astype(np.int64))
+    s = score_context(model, tokens.numpy().astype(np.uint16), 32, 4, torch.device("cpu"))
+    expected, scored = 0.0, []
+    for targets, start in GPT_CONTEXT_FROM:  # no window arithmetic shared with the code
+        logits = model(tokens[None, start:targets.stop]).logits[0]  # causal: row p - start reads tokens[start:p + 1]
+        for p in targets:
+            expected += F.cross_entropy(logits[p - start], tokens[p + 1]).item()
+            scored.append(p)
+    assert scored == list(range(89)) and s.tokens == 89
+    assert s.nll_sum == pytest.approx(expected, rel=1e-6)
 
 
 def test_text_bytes_counts_the_utf8_bytes_the_tokens_encode(tokenized):

@@ -15,6 +15,18 @@ def commit(root, message):
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", message], root)
 
 
+def run_queue(root, jobs: int, timeout: float = 400) -> str:
+    """`dvc queue start -j <jobs>`, then wait until nothing is queued or running: `dvc queue status` at the end."""
+    dvc(root, "queue", "start", "-j", str(jobs))
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = dvc(root, "queue", "status").stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(2)
+    return status
+
+
 def reproducible_metrics(root):
     """Every metrics file but the wall-clock ones, byte for byte."""
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted((root / "metrics").rglob("*"))
@@ -42,13 +54,7 @@ def test_queued_experiments_run_two_at_a_time_into_the_main_store(project, capsy
     commit(root, "baseline")
     dvc(root, "exp", "run", "--queue", "-S", "train.lr=0.005", "-n", "lr-low")
     dvc(root, "exp", "run", "--queue", "-S", "model.arch=gpt", "-n", "gpt")
-    dvc(root, "queue", "start", "-j", "2")
-    deadline = time.time() + 400
-    while time.time() < deadline:
-        status = dvc(root, "queue", "status").stdout
-        if "Queued" not in status and "Running" not in status:
-            break
-        time.sleep(2)
+    status = run_queue(root, jobs=2)
     assert status.count("Success") == 2, status + dvc(root, "queue", "logs", "gpt").stdout
 
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")

@@ -187,7 +187,7 @@ def test_width_only_growth_breaks_symmetry_and_beats_the_parent():
 
 
 def test_a_grown_rung_gets_the_lower_post_growth_peak_and_its_rewarmup():
-    from mmrec.train import budget_for
+    from mmrec.schedule import budget_for
     from tests.conftest import tiny_params
 
     params = tiny_params(Path("."), train={"lr": 0.01, "growth_lr_scale": 0.25, "warmup_steps": 7, "rewarmup_steps": 3})

@@ -1,15 +1,24 @@
 """The real `dvc` command line over a throwaway copy of the repository, with tiny params."""
 import json
+import os
 
 import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import dvc, kill_tree
+from mmrec.store import fluent_store
+from tests.conftest import dvc, kill_tree, ran, run
 
-
-def ran(output: str) -> list[str]:
-    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
+# Loaded by every python process of a `dvc repro` (PYTHONPATH): once tiny has trained, the wall clock steps by a
+# second (an NTP step, a VM resumed from a snapshot). Linux derives boot time (/proc/stat btime) from the wall
+# clock, so psutil's create_time() of every process, boot time + start ticks, moves with it.
+CLOCK_STEP = """
+import pathlib
+if pathlib.Path("models/tiny/run.json").exists():
+    import psutil._pslinux as linux
+    boot_time = linux.boot_time
+    linux.boot_time = lambda: boot_time() + 1.0
+"""
 
 
 def test_data_stages_run_once_and_a_vocab_change_reruns_only_the_tokenizer(project):
@@ -22,7 +31,7 @@ def test_data_stages_run_once_and_a_vocab_change_reruns_only_the_tokenizer(proje
                for s in ["train", "val", "test"])
     assert (root / "models/tokenizer/spm.model").exists()
     assert "tokens" in json.loads((root / "metrics/tokenizer.json").read_text())["train"]
-    assert ran(dvc(root, "repro", "tokenizer").stdout) == []
+    assert ran(dvc(root, "repro", "tokenizer").stdout) == ["validate"]  # it always runs (to clean up), changing nothing
     assert "up to date" in dvc(root, "status", "tokenizer").stdout
 
     set_params(tokenizer={"vocab_size": 420})
@@ -30,13 +39,22 @@ def test_data_stages_run_once_and_a_vocab_change_reruns_only_the_tokenizer(proje
     assert json.loads((root / "data/tokens/header.json").read_text())["vocab_size"] == 420
 
 
-def test_whole_ladder_trains_grows_promotes_and_a_rerun_does_nothing(project):
+def test_whole_ladder_trains_grows_promotes_under_one_pipeline_run_and_a_rerun_does_nothing(project, tmp_path):
     root, _ = project
-    out = dvc(root, "repro")
+    (tmp_path / "clock").mkdir()
+    (tmp_path / "clock/sitecustomize.py").write_text(CLOCK_STEP)
+    out = run(["dvc", "repro"], root, env={**os.environ, "PYTHONPATH": str(tmp_path / "clock")})
     assert ran(out.stdout) == ["validate", "download", "tokenizer", "train@tiny", "evaluate@tiny", "promote@tiny",
                                "train@mini", "evaluate@mini", "promote@mini"]
-    assert ran(dvc(root, "repro").stdout) == []
-    assert "up to date" in dvc(root, "status").stdout
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    tiny_run = json.loads((root / "models/tiny/run.json").read_text())["run_id"]
+    mini_run = client.get_run(json.loads((root / "models/mini/run.json").read_text())["run_id"])
+    pipeline = client.get_run(mini_run.data.tags["mlflow.parentRunId"])  # one per `dvc repro`, the clock step or not
+    assert client.get_run(tiny_run).data.tags["mlflow.parentRunId"] == pipeline.info.run_id
+    assert pipeline.data.tags["rungs"] == "mini, tiny" and pipeline.info.status == "FINISHED"
+
+    assert ran(dvc(root, "repro").stdout) == ["validate"]  # it always runs (and cleans up): nothing else does
+    assert dvc(root, "status").stdout.split() == ["validate:", "always", "changed"]
 
     shown = json.loads(dvc(root, "metrics", "show", "--json").stdout)
     files = next(iter(shown.values()))["data"]
@@ -44,9 +62,6 @@ def test_whole_ladder_trains_grows_promotes_and_a_rerun_does_nothing(project):
     tiny_bpb = files["metrics/summary/tiny.json"]["data"]["tiny"]["bpb"]
     assert 0 < tiny_bpb < json.loads((root / "metrics/eval/tiny.json").read_text())["unigram_bpb"]
 
-    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
-    tiny_run = json.loads((root / "models/tiny/run.json").read_text())["run_id"]
-    mini_run = client.get_run(json.loads((root / "models/mini/run.json").read_text())["run_id"])
     assert mini_run.data.tags["parent_run_id"] == tiny_run
     assert mini_run.data.metrics["growth/grown_val_loss"] == pytest.approx(
         mini_run.data.metrics["growth/parent_val_loss"], abs=1e-4)
@@ -56,8 +71,8 @@ def test_whole_ladder_trains_grows_promotes_and_a_rerun_does_nothing(project):
     assert promo["promoted"] and promo["model_version"] == "2"
     assert str(client.get_model_version_by_alias("mmrec", "champion").version) == "2"
     assert str(client.get_model_version_by_alias("mmrec", "tiny").version) == "1"
-    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
-    champion = mlflow.pyfunc.load_model("models:/mmrec@champion")
+    with fluent_store(f"sqlite:///{root}/mlflow.db"):
+        champion = mlflow.pyfunc.load_model("models:/mmrec@champion")
     [short] = champion.predict(["The king"], params={"max_new_tokens": 2})
     [long] = champion.predict(["The king"], params={"max_new_tokens": 30})
     assert short.startswith("The king") and long.startswith(short) and len(long) > len(short)

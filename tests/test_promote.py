@@ -165,9 +165,9 @@ def rung_with_checkpoint(root, params, rung, test_bpb, unigram_bpb=2.2, seed=0, 
 def registry_state(params):
     from mlflow import MlflowClient
 
-    from mmrec import track
+    from mmrec import store
 
-    c = MlflowClient(track.tracking_uri(params.mlflow))
+    c = MlflowClient(store.tracking_uri(params.mlflow))
     versions = [c.get_model_version(m.name, v.version)  # search leaves out the aliases
                 for m in c.search_registered_models() for v in c.search_model_versions(f"name='{m.name}'")]
     return sorted((str(v.version), sorted(v.aliases), v.tags.get("checkpoint_sha256")) for v in versions)

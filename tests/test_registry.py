@@ -2,8 +2,6 @@
 import json
 import os
 import shutil
-import subprocess
-import time
 from pathlib import Path
 
 import mlflow
@@ -12,17 +10,17 @@ import requests
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from mmrec import track
 from mmrec.promote import promote_rung
 from mmrec.registry import main as registry_cli
-from tests.conftest import dvc, free_port, kill_tree, run, tiny_params
+from mmrec.store import fluent_store, tracking_uri
+from tests.conftest import dvc, kill_tree, run, start_server, tiny_params
 from tests.test_promote import plant_pickle, rung_with_checkpoint
 
 ONE_RUNG = {"ladder": {"tiny": {"width": 32, "layers": 1, "memories": 2, "after": "data/tokens"}}}
 
 
 def store(params) -> tuple[str, MlflowClient]:
-    uri = track.tracking_uri(params.mlflow)
+    uri = tracking_uri(params.mlflow)
     return uri, MlflowClient(uri, uri)
 
 
@@ -70,7 +68,7 @@ def test_a_version_holds_the_weights_once_its_tags_and_a_link_to_its_logged_mode
     assert sum(files.values()) < weights + 100_000, files  # the model's own code and a few metadata files
     assert "code/mmrec/model.py" in files and "code/mmrec/train.py" not in files
 
-    with track.fluent_store(uri):
+    with fluent_store(uri):
         model = mlflow.pyfunc.load_model("models:/mmrec@champion")
     [text] = model.predict(["The king"])
     assert text == local_generate(paths, "The king", 40) != local_generate(paths, "The king", 4)
@@ -91,7 +89,7 @@ def test_a_pickle_planted_in_a_version_never_runs_when_the_model_loads(workdir):
     logged = c.get_logged_model(c.get_model_version("mmrec", "1").tags["model_id"])
     marker = workdir / "payload-ran"
     plant_pickle(Path(logged.artifact_location.removeprefix("file://")) / "artifacts/best.pt", marker)
-    with track.fluent_store(uri), pytest.raises(Exception, match="cannot be read \\(UnpicklingError"):
+    with fluent_store(uri), pytest.raises(Exception, match="cannot be read \\(UnpicklingError"):
         mlflow.pyfunc.load_model("models:/mmrec@champion")
     assert not marker.exists()
 
@@ -153,25 +151,15 @@ def test_mlflow_models_serve_answers_with_40_tokens_by_default_and_400_for_a_bad
     params = tiny_params(workdir)
     paths = rung_with_checkpoint(workdir, params, "tiny", 1.5)
     promote_rung(params, "tiny", workdir)
-    port, cwd = free_port(), tmp_path / "elsewhere"  # away from the repository: only the version's code imports
+    cwd = tmp_path / "elsewhere"  # away from the repository: only the version's code imports
     cwd.mkdir()
-    log = open(tmp_path / "serve.log", "w")
-    server = subprocess.Popen([shutil.which("mlflow"), "models", "serve", "-m", "models:/mmrec@champion",
-                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], cwd=cwd,
-                              env={**os.environ, "MLFLOW_TRACKING_URI": track.tracking_uri(params.mlflow)},
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    # `-p 0` leaves mlflow's uvicorn command without --port, so uvicorn reads UVICORN_PORT: 0, any free port
+    server, url = start_server([shutil.which("mlflow"), "models", "serve", "-m", "models:/mmrec@champion",
+                                "--env-manager", "local", "-h", "127.0.0.1", "-p", "0"], tmp_path / "serve.log",
+                               cwd=cwd, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(params.mlflow),
+                                             "UVICORN_PORT": "0"})
     try:
-        deadline = time.time() + 90
-        while time.time() < deadline and server.poll() is None:
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.5)
-        else:
-            raise AssertionError((tmp_path / "serve.log").read_text()[-3000:])
-
+        assert requests.get(f"{url}/ping", timeout=10).status_code == 200
         ok = requests.post(f"{url}/invocations", json={"inputs": ["The king"]}, timeout=30)
         assert ok.status_code == 200, ok.text
         assert ok.json()["predictions"] == [local_generate(paths, "The king", 40)]
@@ -182,7 +170,6 @@ def test_mlflow_models_serve_answers_with_40_tokens_by_default_and_400_for_a_bad
     finally:
         kill_tree(server.pid)
         server.wait()
-        log.close()
 
 
 def commit(root, message):

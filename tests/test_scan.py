@@ -1,6 +1,8 @@
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
+from mmrec import scan as scan_module
 from mmrec.errors import UserError
 from mmrec.scan import FLA_AVAILABLE, choose_backend, hgrn_scan, linear_scan, scan_backend, sequential_scan
 
@@ -97,11 +99,36 @@ def test_a_chunk_too_long_for_its_gammas_in_float32_stays_finite():
     torch.testing.assert_close(h.double(), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_a_promised_lower_bound_skips_the_check_and_keeps_the_chunked_result():
+class Reductions(TorchFunctionMode):
+    """Records which tensor functions run: `min` is the check's reduction (and host sync)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.append(getattr(func, "__name__", ""))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_promised_lower_bound_picks_the_path_without_reading_the_gammas(monkeypatch):
+    """Gammas in [0.5, 1] are safe for chunks of 64 (64 ln 2 ~ 44 < 700 in float64), so the check keeps the
+    chunked scan; a promise of 1e-6 (true, but 64 x 13.8 ~ 884 past the bound) takes the doubling scan over
+    the whole sequence, and never reads the gammas to find out. Both are exact."""
+    lengths = []  # what the doubling scan runs over: the 4 chunk ends, or all 200 steps
+    doubling = scan_module._doubling_scan
+    monkeypatch.setattr(scan_module, "_doubling_scan", lambda a, b, h0: lengths.append(b.shape[1]) or doubling(a, b, h0))
     gamma, b, h0 = make(1, 200, 4, 0.5, 1.0, seed=2)
-    checked, _ = linear_scan(gamma, b, h0, chunk_size=16)
-    promised, _ = linear_scan(gamma, b, h0, chunk_size=16, min_gamma=0.5)
-    assert torch.equal(checked, promised)
+    ref, _ = sequential_scan(gamma, b, h0)
+    with Reductions() as checking:
+        checked, _ = linear_scan(gamma, b, h0, chunk_size=64)
+    assert lengths == [4] and "min" in checking.names
+    lengths.clear()
+    with Reductions() as trusting:
+        promised, _ = linear_scan(gamma, b, h0, chunk_size=64, min_gamma=1e-6)
+    assert lengths == [200] and "min" not in trusting.names
+    torch.testing.assert_close(checked, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(promised, ref, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("device, requested, fla, expected", [

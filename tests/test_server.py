@@ -2,39 +2,31 @@
 served artifacts), as several machines or many queued runs would use it; one that goes away mid-run."""
 import os
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import free_port, kill_tree, run
-from tests.test_reliability import ONE_RUNG, wait_for
+from tests.conftest import ONE_RUNG, kill_tree, run, start_server
+from tests.test_reliability import wait_for
 
 
 class Server:
-    """`mlflow server` in a process of its own; stop() and start() again keep its store and port."""
+    """`mlflow server` in a process of its own; stop() and start() again keep its store (the port is the one
+    the kernel gives it at each start: `uri` says which)."""
 
     def __init__(self, home: Path):
-        self.home, self.port, self.proc = home, free_port(), None
-        self.uri = f"http://127.0.0.1:{self.port}"
+        self.home, self.proc, self.uri = home, None, ""
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
+        self.proc, self.uri = start_server(
             ["mlflow", "server", "--backend-store-uri", f"sqlite:///{self.home}/server.db",
              "--artifacts-destination", str(self.home / "artifacts"), "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", "1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.5)
-        raise AssertionError("mlflow server did not come up in 120 s")
+             "--port", "0", "--workers", "1"],
+            self.home / "server.log", env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+        with urllib.request.urlopen(f"{self.uri}/health", timeout=10) as r:
+            assert r.status == 200
 
     def stop(self) -> None:
         kill_tree(self.proc.pid)
@@ -66,8 +58,8 @@ def test_the_pipeline_runs_unchanged_against_a_tracking_server_that_goes_away(pr
     [line] = [l for l in err.splitlines() if l.startswith("error:")]
     assert f"MLflow store {server.uri}: unreachable" in line and "rerun `dvc repro`" in line
 
-    server.start()  # back again: the rerun resumes the same run and completes the ladder
-    out = run(["dvc", "repro"], root, env=env)
+    server.start()  # back again (on another port): the rerun resumes the same run and completes the ladder
+    out = run(["dvc", "repro"], root, env=env | {"MLFLOW_TRACKING_URI": server.uri})
     assert "resuming from step" in out.stdout + out.stderr
     assert not (root / "mlflow.db").exists(), "a run went to the local store instead of the server"
 

@@ -1,28 +1,31 @@
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 
 import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from mmrec import track
+from mmrec import pipeline_run, store, store_location, track
 from mmrec.config import MlflowParams
+from tests.conftest import REPO
 
 
 def test_relative_store_resolves_against_dvc_root(tmp_path, monkeypatch):
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    monkeypatch.setattr(track, "USER_TRACKING_URI", None)
-    assert track.tracking_uri(MlflowParams()) == f"sqlite:///{tmp_path}/mlflow.db"
-    assert track.artifact_location(MlflowParams()) == (tmp_path / "mlruns").as_uri()
-    monkeypatch.setattr(track, "USER_TRACKING_URI", "http://mlflow.example:5000")
-    assert track.tracking_uri(MlflowParams()) == "http://mlflow.example:5000"
+    monkeypatch.setattr(store_location, "USER_TRACKING_URI", None)
+    assert store.tracking_uri(MlflowParams()) == f"sqlite:///{tmp_path}/mlflow.db"
+    assert store.artifact_location(MlflowParams()) == (tmp_path / "mlruns").as_uri()
+    monkeypatch.setattr(store_location, "USER_TRACKING_URI", "http://mlflow.example:5000")
+    assert store.tracking_uri(MlflowParams()) == "http://mlflow.example:5000"
 
 
 def test_the_fluent_store_leaves_no_variable_behind(tmp_path):
     assert "MLFLOW_TRACKING_URI" not in os.environ
-    with track.fluent_store(f"sqlite:///{tmp_path}/a.db"):
+    with store.fluent_store(f"sqlite:///{tmp_path}/a.db"):
         assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path}/a.db"
     assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
 
@@ -30,7 +33,7 @@ def test_the_fluent_store_leaves_no_variable_behind(tmp_path):
 def test_metrics_are_batched_until_flush(tmp_path):
     params = MlflowParams(tracking_uri=f"sqlite:///{tmp_path}/m.db", artifact_root=str(tmp_path / "mlruns"))
     run = track.Run.start(params, "r", {"rung": "tiny"})
-    client = MlflowClient(track.tracking_uri(params))
+    client = MlflowClient(store.tracking_uri(params))
     run.log(1, loss=2.0, lr=0.1)
     assert client.get_metric_history(run.id, "loss") == []
     run.flush()
@@ -62,17 +65,17 @@ def test_run_names_say_what_changed_and_reruns_get_a_number(workdir, monkeypatch
 
     params = tiny_params(workdir, mlflow={"system_metrics": False})
     git_repo_with_params(workdir, monkeypatch, {"train": {"lr": 0.003, "seq_len": 32}, "model": {"arch": "mmrec"}})
-    first = track.start_rung_run(params, "tiny", {"rung": "tiny"}, workdir)
+    first = pipeline_run.start_rung_run(params, "tiny", {"rung": "tiny"}, workdir)
     first.end()
-    again = track.start_rung_run(params, "tiny", {"rung": "tiny"}, workdir)  # same execution: same parent
+    again = pipeline_run.start_rung_run(params, "tiny", {"rung": "tiny"}, workdir)  # same execution: same parent
     again.end()
     (workdir / "params.yaml").write_text(yaml.safe_dump({"train": {"lr": 0.001, "seq_len": 32},
                                                         "model": {"arch": "gpt"}}))
     monkeypatch.setenv("DVC_EXP_NAME", "lr-1e-3")  # another experiment: another parent
-    exp = track.start_rung_run(params, "tiny", {"rung": "tiny"}, workdir)
+    exp = pipeline_run.start_rung_run(params, "tiny", {"rung": "tiny"}, workdir)
     exp.end()
 
-    c = MlflowClient(track.tracking_uri(params.mlflow))
+    c = MlflowClient(store.tracking_uri(params.mlflow))
     runs = {r: c.get_run(r) for r in (first.id, again.id, exp.id)}
     assert [runs[r].info.run_name for r in (first.id, again.id, exp.id)] == [
         "tiny · main", "tiny · main #2", "tiny · arch=gpt, lr=0.001 · lr-1e-3"]  # params.yaml order
@@ -93,9 +96,9 @@ def test_splits_are_dataset_inputs_with_their_content_digest(workdir, monkeypatc
 
     params = tiny_params(workdir)
     git_repo_with_params(workdir, monkeypatch, {})
-    run = track.start_rung_run(params, "tiny", {"rung": "tiny"}, workdir)
+    run = pipeline_run.start_rung_run(params, "tiny", {"rung": "tiny"}, workdir)
     run.end()
-    c = MlflowClient(track.tracking_uri(params.mlflow))
+    c = MlflowClient(store.tracking_uri(params.mlflow))
     got = c.get_run(run.id)
     inputs = {d.dataset.name: d for d in got.inputs.dataset_inputs}
     assert set(inputs) == {"kjv-train", "kjv-val", "kjv-test"}  # named after data.source
@@ -113,8 +116,8 @@ def test_splits_are_dataset_inputs_with_their_content_digest(workdir, monkeypatc
 def test_the_pipeline_run_names_the_champion_from_its_rungs(tmp_path):
     params = MlflowParams(tracking_uri=f"sqlite:///{tmp_path}/m.db", artifact_root=str(tmp_path / "mlruns"),
                           system_metrics=False)
-    c = track.client(params)
-    parent = c.create_run(track.experiment_id(c, params), run_name="pipeline").info.run_id
+    c = store.client(params)
+    parent = c.create_run(store.experiment_id(c, params), run_name="pipeline").info.run_id
     for rung, bpb, version in [("tiny", 1.5, "1"), ("mini", 1.2, "2")]:
         run = track.Run.start(params, rung, {"rung": rung}, parent_id=parent)
         run.log(10, **{"test/bpb_context": bpb})
@@ -147,5 +150,64 @@ def test_a_server_that_dies_in_the_middle_of_a_reply_reads_as_unreachable(monkey
         MlflowClient(uri).log_metric("0" * 32, "loss", 1.0)
     listener.close()
     assert "Connection broken" in str(caught.value)
-    line = track.describe(caught.value, uri)
+    line = store.describe(caught.value, uri)
     assert line.startswith(f"MLflow store {uri}: unreachable") and "rerun `dvc repro`" in line
+
+
+def run_and_die(params: MlflowParams, parent: str, rung: str, *, linger: bool = False) -> subprocess.Popen:
+    """A process that opens a rung run under `parent`, then dies without ending it (or, with linger, lives on
+    until its stdin closes): the run of a killed stage."""
+    code = (f"import os, sys; sys.path.insert(0, {str(REPO)!r})\n"
+            "from mmrec.config import MlflowParams; from mmrec.track import Run\n"
+            f"params = MlflowParams(**{params.model_dump()!r})\n"
+            f"run = Run.start(params, {rung!r}, {{'rung': {rung!r}}}, parent_id={parent!r})\n"
+            "print(run.id, flush=True)\n"
+            + ("sys.stdin.read()\n" if linger else "os._exit(0)\n"))
+    return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def test_a_dead_attempts_run_ends_killed_with_its_pipeline_run_and_a_live_ones_runs_on(tmp_path):
+    params = MlflowParams(tracking_uri=f"sqlite:///{tmp_path}/m.db", artifact_root=str(tmp_path / "mlruns"),
+                          system_metrics=False)
+    c = store.client(params)
+    parent = c.create_run(store.experiment_id(c, params), run_name="pipeline", tags={"kind": "pipeline"}).info.run_id
+    dead = run_and_die(params, parent, "tiny")
+    dead_id = dead.stdout.readline().strip()
+    dead.wait()
+    other = c.create_run(store.experiment_id(c, params), run_name="pipeline 2", tags={"kind": "pipeline"}).info.run_id
+    live = run_and_die(params, other, "tiny", linger=True)  # a queued experiment training beside us
+    live_id = live.stdout.readline().strip()
+    try:
+        assert c.get_run(dead_id).info.status == "RUNNING" and c.get_run(parent).info.status == "RUNNING"
+        ended = track.close_abandoned(params, "tiny")
+        assert c.get_run(dead_id).info.status == "KILLED"
+        assert c.get_run(parent).info.status == "FAILED"  # refreshed: none of its rungs runs any more
+        assert c.get_run(live_id).info.status == "RUNNING" and c.get_run(other).info.status == "RUNNING"
+        assert ended == ["tiny", "pipeline"]
+    finally:
+        live.stdin.close()
+        live.wait()
+
+
+def test_the_pipeline_key_survives_a_step_of_the_wall_clock(tmp_path):
+    """psutil's create_time() is boot time + start ticks, and Linux derives boot time (/proc/stat btime) from the
+    wall clock: an NTP step or a VM resumed from a snapshot moves it by whole seconds between two stages of one
+    `dvc repro`. The key must not move with it, nor with the host name."""
+    from tests.conftest import tiny_params
+
+    params = tiny_params(tmp_path)
+    (tmp_path / "dvc").write_text("import subprocess, sys\nsys.exit(subprocess.call(sys.argv[1:]))\n")  # a dvc process
+    stage = (f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
+             "import psutil._pslinux as linux\n"
+             "from mmrec.config import parse_params; from mmrec.pipeline_run import dvc_execution, pipeline_key\n"
+             f"params = parse_params({params.model_dump()!r})\n"
+             "assert dvc_execution(), 'no dvc process found above the stage'\n"
+             "before = pipeline_key(params)\n"
+             "boot_time = linux.boot_time\n"
+             "linux.boot_time = lambda: boot_time() + 1.0  # the wall clock stepped by a second\n"
+             "stepped = pipeline_key(params)\n"
+             "import socket; socket.gethostname = lambda: 'renamed'  # a laptop that joined another network\n"
+             "print(before, stepped, pipeline_key(params))\n")
+    out = subprocess.run([sys.executable, str(tmp_path / "dvc"), sys.executable, "-c", stage], capture_output=True,
+                         text=True, check=True, cwd=tmp_path).stdout.split()
+    assert len(out) == 3 and out[0] == out[1] == out[2]

@@ -9,13 +9,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, dvc, free_port, run
+from tests.conftest import REPO, dvc, kill_tree, run, start_server
 
 SHOW_WIDTH = 160  # the terminal `dvc exp show` must fit its headline into
 
@@ -29,20 +28,9 @@ class Server:
     """`mlflow server` on 127.0.0.1 over the project's store: what `mlflow ui` serves the browser."""
 
     def __init__(self, root: Path):
-        self.url = f"http://127.0.0.1:{free_port()}"
-        self.proc = subprocess.Popen(
+        self.proc, self.url = start_server(
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-             "--host", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1], "--workers", "1"],
-            cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"{self.url}/health", timeout=2)
-                return
-            except OSError:
-                time.sleep(0.5)
-        self.proc.kill()
-        raise AssertionError("mlflow server did not come up")
+             "--host", "127.0.0.1", "--port", "0", "--workers", "1"], root.parent / "mlflow-server.log", cwd=root)
 
     def post(self, path: str, body: dict) -> dict:
         req = urllib.request.Request(f"{self.url}/api/2.0/mlflow/{path}", data=json.dumps(body).encode(),
@@ -53,7 +41,7 @@ class Server:
         return json.loads(urllib.request.urlopen(f"{self.url}/api/2.0/mlflow/{path}", timeout=30).read())
 
     def close(self) -> None:
-        self.proc.terminate()
+        kill_tree(self.proc.pid)  # mlflow and the uvicorn it started
         self.proc.wait(timeout=30)
 
 
