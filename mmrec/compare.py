@@ -4,7 +4,10 @@
     python -m mmrec.compare --rung tiny --dvc-exp lr-sweep-1 --dvc-exp lr-sweep-2
     python -m mmrec.compare --experiment mmrec --csv runs.csv --plot val_loss.png
 
-Params equal across the selected runs are hidden, so a sweep shows exactly the knobs it turned.
+Params equal across the selected runs are hidden, so a sweep shows exactly the knobs it turned. Beside the
+windowed test_bpb stands the gate's figure, test_bpb_context, and for a rung that went through the gate its
+gain on that figure (bits per byte over `gain_over`, its reference) and the gain's bootstrap interval over
+the test documents (docs/registry.md says how to read them).
 """
 from __future__ import annotations
 
@@ -24,6 +27,10 @@ RUN_COLUMNS = {"run_id": "run_id", "run_name": "tags.mlflow.runName", "rung": "t
 HEADLINE = {"test_bpb": "metrics.test/bpb", "best_val_loss": "metrics.summary/best_val_loss",
             "tokens_per_s": "metrics.perf/median_tokens_per_s", "n_params": "params.n_params",
             "test_loss": "metrics.test/loss"}
+# the gate's figure, its gain over the rung's reference (promote@<rung> tags its run) and the gain's interval
+GATE = "metrics.test/bpb_context"
+GAIN = {"gain": "tags.promote.gain", "gain_low": "tags.promote.gain_low", "gain_high": "tags.promote.gain_high"}
+GAIN_OVER = "tags.promote.compared_to"
 VAL_CURVE = "loss/val"
 KIND = "tags.kind"  # 'pipeline' for the parent run of one pipeline execution: not a model, never compared
 PLOT_SUFFIXES = {".png", ".svg", ".pdf"}
@@ -52,8 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def complete(runs: pd.DataFrame) -> pd.DataFrame:
     """Add the columns a store without such tags or metrics (yet) lacks, empty, so every filter and column works."""
-    return runs.reindex(columns=runs.columns.union(list(RUN_COLUMNS.values()) + list(HEADLINE.values()) + [KIND],
-                                                   sort=False))
+    wanted = [*RUN_COLUMNS.values(), *HEADLINE.values(), GATE, *GAIN.values(), KIND, GAIN_OVER]
+    return runs.reindex(columns=runs.columns.union(wanted, sort=False))
 
 
 def select(runs: pd.DataFrame, rung: str | None, dvc_exps: list[str], status: str, last: int | None) -> pd.DataFrame:
@@ -82,7 +89,8 @@ def differing_params(runs: pd.DataFrame) -> tuple[list[str], int]:
 
 def comparison_table(runs: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     """One row per run of `runs` (completed): identity, the differing params by dotted key, the headline metrics;
-    best test_bpb first. Also returns how many params were hidden because every run has the same value."""
+    best gate figure (test_bpb_context) first, then best test_bpb. Also returns how many params were hidden because
+    every run has the same value."""
     differ, hidden = differing_params(runs)
     table = pd.DataFrame({name: runs[col] for name, col in RUN_COLUMNS.items()})
     table["dvc_exp"] = table["dvc_exp"].fillna("")  # plain `dvc repro` runs have no experiment name
@@ -91,13 +99,25 @@ def comparison_table(runs: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     for name, col in HEADLINE.items():
         table[name] = pd.to_numeric(runs[col], errors="coerce")
     table["n_params"] = table["n_params"].astype("Int64")
-    table = table.sort_values(["test_bpb", "best_val_loss"], na_position="last", kind="stable")
+    table["test_bpb_context"] = pd.to_numeric(runs[GATE], errors="coerce")
+    for name, col in GAIN.items():
+        table[name] = pd.to_numeric(runs[col], errors="coerce")
+    table["gain_over"] = runs[GAIN_OVER]
+    table = table.sort_values(["test_bpb_context", "test_bpb", "best_val_loss"], na_position="last", kind="stable")
     return table.reset_index(drop=True), hidden
 
 
+def interval(low: float, high: float) -> str:
+    return "-" if pd.isna(low) or pd.isna(high) else f"[{low:.4f},{high:.4f}]"
+
+
 def render(table: pd.DataFrame) -> str:
+    """The table on screen: short run ids, the gain's interval as one '[low,high]' column."""
     shown = table.assign(run_id=table["run_id"].str[:SHORT_ID]).rename(columns={"run_id": "run"})
-    fmt = {name: "{:.4f}".format for name in ["test_bpb", "best_val_loss", "test_loss"]}
+    at = shown.columns.get_loc("gain_low")
+    shown.insert(at, "interval", [interval(lo, hi) for lo, hi in zip(table["gain_low"], table["gain_high"])])
+    shown = shown.drop(columns=["gain_low", "gain_high"])
+    fmt = {name: "{:.4f}".format for name in ["test_bpb", "best_val_loss", "test_loss", "test_bpb_context", "gain"]}
     fmt["tokens_per_s"] = "{:,.0f}".format
     fmt["n_params"] = lambda v: "-" if pd.isna(v) else f"{v:,}"
     return shown.to_string(index=False, na_rep="-", formatters=fmt)

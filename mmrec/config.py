@@ -200,13 +200,15 @@ class EvaluateParams(Section):
 
 
 class PromoteParams(Section):
-    min_improvement: Annotated[float, Field(ge=0)] = 0.01  # bits per byte the rung must gain on its parent
+    min_improvement: Annotated[float, Field(ge=0)] = 0.01  # bits per byte the gain's interval must clear (lower end)
+    confidence: Annotated[float, Field(ge=0.5, lt=1)] = 0.95  # of the gain's bootstrap interval over test documents
+    bootstrap_samples: Annotated[int, Field(ge=100, le=1_000_000)] = 10_000  # resamples of the test documents
     baseline_margin: Annotated[float, Field(ge=0)] = 0.5  # first rung: bits per byte under the unigram baseline
     max_bpb: Annotated[float, Field(ge=0)] = 0.0  # 0: no ceiling
     on_reject: Literal["fail", "continue"] = "fail"
     registered_model: Annotated[str, Field(min_length=1)] = "mmrec"
     growth_noise: Annotated[float, Field(ge=0, le=1)] = 0.0
-    force_champion: bool = False  # move champion to a version measured on another test split (bpb do not compare)
+    force_champion: bool = False  # move an alias even when the figures do not compare (other text, a subset, another metric)
 
 
 class MlflowParams(Section):

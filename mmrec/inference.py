@@ -44,18 +44,47 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, 700.0))  # exp overflows past ~709
 
 
-def _scores(logits: torch.Tensor, y: torch.Tensor) -> Scores:
+class DocumentTally:
+    """NLL summed per document of a token stream. Documents are separated by EOS, and the EOS after a document
+    is its own (predicting the end is part of modelling it); a stream cut short ends in a partial document."""
+
+    def __init__(self, tokens: np.ndarray, eos_id: int):
+        self.n_tokens = len(tokens)
+        self.ends = np.flatnonzero(np.asarray(tokens) == eos_id)  # stream position of each EOS
+        self.nll = np.zeros(len(self.ends) + 1)  # nats; the last entry: the tokens after the last EOS, if any
+
+    def add(self, positions: np.ndarray, nll: np.ndarray) -> None:
+        """Add the NLL of the targets at these stream positions (target p is tokens[p])."""
+        np.add.at(self.nll, np.searchsorted(self.ends, positions), nll)  # EOS before p: p's document
+
+    def spans(self) -> list[tuple[int, int]]:
+        """(first, last + 1) stream positions of each document, its EOS included; the last one only if it
+        holds a token (a stream that does not end in EOS)."""
+        starts = np.concatenate([[0], self.ends + 1])
+        stops = np.concatenate([self.ends + 1, [self.n_tokens]])
+        return [(int(a), int(b)) for a, b in zip(starts, stops) if b > a]
+
+
+def _scores(logits: torch.Tensor, y: torch.Tensor, positions: torch.Tensor | None = None,
+            tally: DocumentTally | None = None) -> Scores:
+    """Summed NLL and top-1/top-5 hits of targets y; with a tally, each target's NLL also goes to its document
+    (positions: the stream position of each target) and the sum is taken in float64, as the tally's is."""
     logits = logits.float()
-    nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
+    if tally is None:
+        nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+    else:
+        per_token = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").double().cpu().numpy()
+        tally.add(positions.flatten().numpy(), per_token)
+        nll = float(per_token.sum())
     top5 = logits.topk(min(5, logits.size(-1)), dim=-1).indices
-    return Scores(nll.item(), y.numel(), (top5[..., 0] == y).sum().item(), (top5 == y[..., None]).any(-1).sum().item())
+    return Scores(nll, y.numel(), (top5[..., 0] == y).sum().item(), (top5 == y[..., None]).any(-1).sum().item())
 
 
 @torch.no_grad()
 def score(model: torch.nn.Module, tokens: np.ndarray, windows: list[tuple[int, ...]],
-          batch_size: int, device: torch.device) -> Scores:
+          batch_size: int, device: torch.device, tally: DocumentTally | None = None) -> Scores:
     """Score (start, length) windows, or (start, length, skip) ones whose first `skip` targets are context only;
-    windows of equal shape are batched together."""
+    windows of equal shape are batched together. A tally also gets each target's NLL by document."""
     was_training = model.training
     model.eval()
     total = Scores()
@@ -64,10 +93,12 @@ def score(model: torch.nn.Module, tokens: np.ndarray, windows: list[tuple[int, .
         by_shape.setdefault((length, skip[0] if skip else 0), []).append(start)
     for (length, skip), starts in by_shape.items():
         for i in range(0, len(starts), batch_size):
-            pairs = [window(tokens, s, length) for s in starts[i:i + batch_size]]
+            batch = starts[i:i + batch_size]
+            pairs = [window(tokens, s, length) for s in batch]
             x = torch.stack([p[0] for p in pairs]).to(device)
             y = torch.stack([p[1] for p in pairs]).to(device)
-            total.add(_scores(model(x).logits[:, skip:], y[:, skip:]))
+            positions = torch.tensor(batch)[:, None] + torch.arange(1 + skip, length + 1)
+            total.add(_scores(model(x).logits[:, skip:], y[:, skip:], positions, tally))
     model.train(was_training)
     return total
 
@@ -86,7 +117,8 @@ def sliding_windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int,
 
 
 @torch.no_grad()
-def score_carried(model: torch.nn.Module, tokens: np.ndarray, window_len: int, device: torch.device) -> Scores:
+def score_carried(model: torch.nn.Module, tokens: np.ndarray, window_len: int, device: torch.device,
+                  tally: DocumentTally | None = None) -> Scores:
     """MM-Rec over the whole stream in one pass: consecutive windows, each starting from the recurrent state
     the previous one ended in, so every target is scored once with its whole history (the window length
     only bounds memory, it changes no number beyond float rounding)."""
@@ -97,19 +129,20 @@ def score_carried(model: torch.nn.Module, tokens: np.ndarray, window_len: int, d
         x, y = window(tokens, start, length)
         out = model(x[None].to(device), state=state)
         state = out.state
-        total.add(_scores(out.logits, y[None].to(device)))
+        total.add(_scores(out.logits, y[None].to(device), torch.arange(start + 1, start + length + 1), tally))
     model.train(was_training)
     return total
 
 
 def score_context(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batch_size: int,
-                  device: torch.device) -> Scores:
+                  device: torch.device, tally: DocumentTally | None = None) -> Scores:
     """Every target of the stream scored once, with all the context its arch can use: MM-Rec carries its state
     through the whole stream; GPT, whose attention was trained on seq_len tokens, slides windows of seq_len
     by seq_len / 2, so each target after the first window sees at least half a window."""
     if model.cfg.arch == "mmrec":
-        return score_carried(model, tokens, seq_len * batch_size, device)
-    return score(model, tokens, sliding_windows(len(tokens), seq_len, max(1, seq_len // 2)), batch_size, device)
+        return score_carried(model, tokens, seq_len * batch_size, device, tally)
+    return score(model, tokens, sliding_windows(len(tokens), seq_len, max(1, seq_len // 2)), batch_size, device,
+                 tally)
 
 
 @torch.no_grad()

@@ -28,8 +28,8 @@ class RungPaths:
     @property
     def outs(self) -> tuple[Path, ...]:
         """Every path this rung's stages write (its model folder holds the rest), and its checkpoints."""
-        return (self.model(), self.ckpt, self.metrics, self.eval_metrics, self.speed, self.train_curve,
-                self.val_curve, self.plot, self.summary)
+        return (self.model(), self.ckpt, self.metrics, self.eval_metrics, self.doc_scores, self.speed,
+                self.train_curve, self.val_curve, self.plot, self.summary)
 
     def model(self, rung: str | None = None) -> Path:
         return self.root / "models" / (rung or self.rung)
@@ -65,6 +65,11 @@ class RungPaths:
     @property
     def eval_metrics(self) -> Path:
         return self._metrics_file("eval")
+
+    @property
+    def doc_scores(self) -> Path:
+        """The gate's figure document by document: id, scored bytes and bits of each test document."""
+        return self._metrics_file("eval", ".docs.json")
 
     @property
     def speed(self) -> Path:

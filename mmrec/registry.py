@@ -174,17 +174,67 @@ def with_checkpoint(client, name: str, sha256: str) -> str | None:
 
 
 def holder(client, name: str, alias: str) -> dict[str, Any] | None:
-    """The version `alias` points at: its number, test bits per byte and test split (data sha256), or None."""
+    """The version `alias` points at, as version_figure describes it, or None."""
     try:
         v = client.get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
-    bpb, data = v.tags.get("test_bpb"), v.tags.get("data_sha256", "")
-    if bpb is None and v.run_id:  # registered before versions were tagged: the run has both
+    return version_figure(client, v)
+
+
+def version_figure(client, v) -> dict[str, Any]:
+    """A version's reference figure: its number, test bits per byte, the metric they are, the test split (data
+    sha256) and, when it keeps per-document scores, their document set and whether it is the whole split."""
+    bpb, data, metric = v.tags.get("test_bpb"), v.tags.get("data_sha256", ""), v.tags.get("gate_metric", "")
+    if (bpb is None or not metric) and v.run_id:  # registered before versions were tagged so: the run tells
         run = client.get_run(v.run_id).data
-        bpb = run.metrics.get("test/bpb", run.metrics.get("test_bpb"))
-        data = run.tags.get("data_sha256", "")
-    return {"version": str(v.version), "test_bpb": None if bpb is None else float(bpb), "data_sha256": data}
+        if bpb is None:
+            bpb, data = run.metrics.get("test/bpb", run.metrics.get("test_bpb")), run.tags.get("data_sha256", "")
+        metric = metric or _legacy_metric(run.metrics, bpb)
+    return {"version": str(v.version), "test_bpb": None if bpb is None else float(bpb), "data_sha256": data,
+            "metric": metric or "test_bpb", "docs_sha256": v.tags.get("test_docs_sha256", ""),
+            "whole_split": v.tags.get("test_whole_split") == "true"}
+
+
+def _legacy_metric(run_metrics: dict[str, float], bpb: Any) -> str:
+    """Which figure a version tagged before `gate_metric` holds: the full-context one when its run logged one
+    equal to it, else the windowed test_bpb (the gate's figure before full-context evaluation existed)."""
+    context = run_metrics.get("test/bpb_context", run_metrics.get("test_bpb_context"))
+    if context is not None and bpb is not None and abs(context - float(bpb)) < 1e-9:
+        return "test_bpb_context"
+    return "test_bpb"
+
+
+DOC_SCORES = "test_docs.json"  # a version's per-document test scores, in its logged model beside MLmodel
+
+
+def keep_doc_scores(client, name: str, version: str, path: Path, tags: dict[str, str]) -> None:
+    """Give a version its reference figure: per-document scores (as DOC_SCORES in its logged model) and `tags`."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / DOC_SCORES
+        shutil.copyfile(path, copy)
+        client.log_model_artifact(client.get_model_version(name, version).tags["model_id"], str(copy))
+    set_tags(client, name, version, tags)
+
+
+def doc_scores(client, name: str, version: str) -> dict[str, Any] | None:
+    """A version's per-document test scores as stored (see paired.DocScores), or None when it keeps none."""
+    import json
+    import tempfile
+
+    model_id = client.get_model_version(name, version).tags.get("model_id")
+    if not model_id:
+        return None
+    location = client.get_logged_model(model_id).artifact_location
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=f"{location}/{DOC_SCORES}", dst_path=tmp,
+                                                        tracking_uri=client.tracking_uri)
+            return json.loads(Path(local).read_text())
+        except (MlflowException, OSError, ValueError):  # gone or damaged: compared as a version without them
+            return None
 
 
 def set_tags(client, name: str, version: str, tags: dict[str, Any]) -> None:
@@ -222,7 +272,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", help="registered model (default: params.yaml promote.registered_model)")
     p.add_argument("--tracking-uri", help="MLflow store (default: params.yaml mlflow.tracking_uri / MLFLOW_TRACKING_URI)")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="every version: rung, test bpb, experiment, commit, aliases, created")
+    sub.add_parser("list", help="every version: rung, test bpb, its documents, its gain and interval over what it "
+                                "was compared with, experiment, commit, aliases, created")
     s = sub.add_parser("set-champion", help="point champion at a version")
     s.add_argument("version")
     s.add_argument("--reason", required=True, help="why: kept as a tag on the version")
@@ -238,15 +289,30 @@ def table(client, name: str) -> str:
     aliases: dict[str, list[str]] = {}
     for alias, version in client.get_registered_model(name).aliases.items():  # search omits them on versions
         aliases.setdefault(str(version), []).append(alias)
-    rows = [{"version": str(v.version), "rung": v.tags.get("rung", "-"), "test_bpb": v.tags.get("test_bpb", "-"),
-             "experiment": v.tags.get("dvc_exp_name") or "-", "commit": v.tags.get("git_commit", "-")[:8],
+    rows = [{"version": str(v.version), "rung": v.tags.get("rung", "-"), "test_bpb": _number(v.tags.get("test_bpb")),
+             "docs": _documents(v.tags), "gain": _number(v.tags.get("gain")), "interval": _interval(v.tags),
+             "over": v.tags.get("gain_over") or "-", "experiment": v.tags.get("dvc_exp_name") or "-",
+             "commit": v.tags.get("git_commit", "-")[:8],
              "aliases": ",".join(sorted(aliases.get(str(v.version), []))) or "-",
              "created": time.strftime("%Y-%m-%d %H:%M", time.gmtime(v.creation_timestamp / 1000))}
             for v in versions(client, name)]
-    for row in rows:
-        if row["test_bpb"] != "-":
-            row["test_bpb"] = f"{float(row['test_bpb']):.4f}"
     return pd.DataFrame(rows).to_string(index=False)
+
+
+def _number(tag: str | None) -> str:
+    return f"{float(tag):.4f}" if tag else "-"
+
+
+def _documents(tags: dict[str, str]) -> str:
+    """The test documents behind the figure: '55', '12*' on a subset (evaluate.max_tokens), '-' when not kept."""
+    n = tags.get("test_documents")
+    return "-" if not n else n if tags.get("test_whole_split") == "true" else f"{n}*"
+
+
+def _interval(tags: dict[str, str]) -> str:
+    """'[low,high]' of the gain at its confidence, '-' when it was compared by a fixed margin."""
+    low, high = tags.get("gain_low"), tags.get("gain_high")
+    return f"[{float(low):.4f},{float(high):.4f}]" if low and high else "-"
 
 
 @exits_cleanly

@@ -19,7 +19,8 @@ def main(argv: list[str]) -> None:
     m = evaluate_rung(params, rung)
     print(f"{rung}: test bits/byte {m['test_bpb_context']:.4f} with full context, {m['test_bpb']:.4f} in "
           f"{params.train.seq_len}-token windows (unigram {m['unigram_bpb']:.4f}), "
-          f"loss {m['test_loss']:.4f}, ppl {m['test_ppl']:.1f}, top-1 {m['test_top1']:.3f}")
+          f"loss {m['test_loss']:.4f}, ppl {m['test_ppl']:.1f}, top-1 {m['test_top1']:.3f}; "
+          f"{m['test_documents']} test documents")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ def main(argv: list[str]) -> None:
     d = promote_rung(params, rung)
     verdict = f"promoted as {d.registered_model} v{d.model_version}" if d.promoted else "not promoted (continuing)"
     print(f"{rung}: {verdict}: {d.reason}")
+    if d.version_figure:
+        print(f"  {d.version_figure}")
     for alias, what in d.aliases.items():
         print(f"  @{alias} {what}")
 

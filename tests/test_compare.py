@@ -44,7 +44,9 @@ def store(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 
     ids = {
         "a": make_run(c, mm, "tiny", 1, params={"train.lr": "0.003", "model.arch": "mmrec", "n_params": "1000"},
-                      tags={"rung": "tiny", "dvc_exp_name": "lr-sweep-1"}, metrics=finished(2.0, 1.5),
+                      tags={"rung": "tiny", "dvc_exp_name": "lr-sweep-1", "promote.gain": "0.2",
+                            "promote.compared_to": "unigram"},  # passed the baseline by a fixed margin: no interval
+                      metrics=finished(2.0, 1.5),
                       val_curve=[3.0, 2.0, 1.5]),
         "b": make_run(c, mm, "tiny", 2, params={"train.lr": "0.01", "model.arch": "gpt", "n_params": "1200"},
                       tags={"rung": "tiny", "dvc_exp_name": "lr-sweep-2"}, metrics=finished(1.8, 1.4),
@@ -56,7 +58,9 @@ def store(tmp_path_factory) -> tuple[Path, dict[str, str]]:
                            val_curve=[9.0], status="FAILED"),
         "mini": make_run(c, mm, "mini", 5, params={"train.lr": "0.003", "model.arch": "mmrec", "n_params": "9000",
                                                    "ladder.mini.width": "64"},  # only this run has it
-                         tags={"rung": "mini"}, metrics=finished(1.5, 1.1), val_curve=[1.6, 1.1]),
+                         tags={"rung": "mini", "promote.gain": "0.0183", "promote.gain_low": "0.01021",
+                               "promote.gain_high": "0.02648", "promote.compared_to": "tiny"},
+                         metrics=finished(1.5, 1.1) | {"test/bpb_context": 1.48}, val_curve=[1.6, 1.1]),
         # the parent run of a pipeline execution: never a row, though it carries a (headline) metric
         "pipeline": make_run(c, mm, "pipeline · main", 7, params={"train.lr": "0.003"}, tags={"kind": "pipeline"},
                              metrics={"test/bpb": 0.5}, val_curve=[]),
@@ -81,7 +85,9 @@ def test_table_shows_only_differing_params_sorted_by_bpb(store, capsys):
     assert rc == 0
     assert list(table["run_id"]) == [ids["c"], ids["b"], ids["a"]]  # bpb 1.8 (val 1.3), 1.8 (val 1.4), 2.0
     assert list(table.columns) == ["run_id", "run_name", "rung", "dvc_exp", "status", "model.arch", "train.lr",
-                                   "test_bpb", "best_val_loss", "tokens_per_s", "n_params", "test_loss"]
+                                   "test_bpb", "best_val_loss", "tokens_per_s", "n_params", "test_loss",
+                                   "test_bpb_context", "gain", "gain_low", "gain_high", "gain_over"]
+    assert table["gain"].tolist()[2] == 0.2 and table["gain_over"].fillna("").tolist() == ["", "", "unigram"]
     assert list(table["train.lr"]) == [0.001, 0.01, 0.003]
     assert list(table["dvc_exp"].fillna("")) == ["", "lr-sweep-2", "lr-sweep-1"]
     assert list(table["n_params"]) == [1000, 1200, 1000]
@@ -106,6 +112,22 @@ def test_filters(store, args, expected):
     rc, table = compare(store, *args)
     assert rc == 0
     assert list(table["run_id"]) == [ids[k] for k in expected]
+
+
+def test_the_gain_and_its_interval_stand_beside_each_run(store, capsys):
+    _, ids = store
+    rc, table = compare(store)
+    assert rc == 0
+    mini = table[table["run_id"] == ids["mini"]].iloc[0]
+    assert (mini["gain"], mini["gain_low"], mini["gain_high"], mini["gain_over"]) == (0.0183, 0.01021, 0.02648, "tiny")
+    assert mini["test_bpb_context"] == 1.48  # the figure the gain is on, beside the windowed test_bpb
+    lines = capsys.readouterr().out.splitlines()
+    header = lines[0].split()
+    assert header[-5:] == ["test_loss", "test_bpb_context", "gain", "interval", "gain_over"]
+    rows = {line.split()[0]: line.split() for line in lines[1:5]}
+    assert rows[ids["mini"][:8]][-3:] == ["0.0183", "[0.0102,0.0265]", "tiny"]
+    assert rows[ids["a"][:8]][-3:] == ["0.2000", "-", "unigram"]
+    assert rows[ids["c"][:8]][-3:] == ["-", "-", "-"]  # never promoted: no gate ran
 
 
 def test_plot_overlays_val_loss(store, tmp_path, capsys):

@@ -118,3 +118,41 @@ def test_sampling_is_seeded_and_stops_at_eos():
     first = a[0]
     assert generate(model, [1, 2], 20, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(3),
                     eos_id=first) == []
+
+
+def test_a_documents_eos_is_its_own_and_the_streams_first_token_is_never_scored():
+    from mmrec.inference import DocumentTally
+
+    tokens = np.array([5, 6, 2, 7, 2, 8, 9], dtype=np.uint16)  # two documents ended by EOS (2), a third cut short
+    tally = DocumentTally(tokens, eos_id=2)
+    assert tally.spans() == [(0, 3), (3, 5), (5, 7)]
+    tally.add(np.arange(1, 7), np.array([1.0, 10.0, 100.0, 1000.0, 1e4, 1e5]))  # targets 1..6: all but the first
+    assert tally.nll.tolist() == [11.0, 1100.0, 110000.0]
+    assert DocumentTally(tokens[:5], 2).spans() == [(0, 3), (3, 5)]  # a stream that ends in EOS has no third
+
+
+@pytest.mark.parametrize("arch, max_tokens", [("mmrec", 0), ("gpt", 0), ("mmrec", 700)])
+def test_per_document_scores_add_up_to_the_gates_figure_and_name_the_documents_by_their_text(tokenized, arch,
+                                                                                              max_tokens):
+    import hashlib
+
+    from mmrec.evaluate import test_metrics
+    from tests.conftest import tiny_params
+
+    params = tiny_params(tokenized, model={"arch": arch}, evaluate={"max_tokens": max_tokens})
+    header = read_header(tokenized / "data/tokens")
+    cfg = ModelConfig.from_params(params.model, params.rung("tiny"), header["vocab_size"])
+    torch.manual_seed(0)
+    metrics, docs = test_metrics(build_model(cfg), params, tokenized)
+    assert docs.metric == "test_bpb_context" and docs.whole_split == (max_tokens == 0)
+    assert int(docs.bytes.sum()) == metrics["test_bytes_scored"] and len(docs.ids) == metrics["test_documents"]
+    assert docs.bits.sum() / docs.bytes.sum() == pytest.approx(metrics["test_bpb_context"], rel=1e-12)
+    # ids: the sha256 of each document's text as the download stage wrote (and hashed) it
+    texts = (tokenized / "data/prepared/test.txt").read_text(encoding="utf-8").split("\n")[:-1]
+    expected = [hashlib.sha256(t.encode()).hexdigest()[:16] for t in texts]
+    assert docs.split_documents == len(texts) == header["splits"]["test"]["documents"]
+    if max_tokens:
+        assert list(docs.ids[:-1]) == expected[:len(docs.ids) - 1] and docs.ids[-1] not in expected  # the last is cut
+    else:
+        assert list(docs.ids) == expected
+        assert docs.bytes[1:].tolist() == [len(t.encode()) for t in texts[1:]]  # whole documents after the first

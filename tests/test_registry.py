@@ -116,13 +116,16 @@ def test_list_set_champion_and_rollback_by_hand(workdir, capsys):
 
     code, out, _ = cli(capsys, *flags, "list")
     header, v1, v2 = out.splitlines()
-    assert code == 0 and header.split() == ["version", "rung", "test_bpb", "experiment", "commit", "aliases", "created"]
-    assert v1.split()[:4] == ["1", "tiny", "1.5000", "-"] and v1.split()[5] == "tiny"
-    assert v2.split()[:4] == ["2", "mini", "1.3000", "-"] and v2.split()[5] == "champion,mini"
+    assert code == 0 and header.split() == ["version", "rung", "test_bpb", "docs", "gain", "interval", "over",
+                                            "experiment", "commit", "aliases", "created"]
+    # v1 passed the unigram baseline by a fixed margin; v2 took champion from v1 by the paired test
+    assert v1.split()[:8] == ["1", "tiny", "1.5000", "11", "0.7000", "-", "unigram", "-"] and v1.split()[9] == "tiny"
+    assert v2.split()[:8] == ["2", "mini", "1.3000", "11", "0.2000", "[0.2000,0.2000]", "v1", "-"]
+    assert v2.split()[9] == "champion,mini"
 
     code, out, _ = cli(capsys, *flags, "set-champion", "1", "--reason", "mini repeats itself")
     assert code == 0 and out == "mmrec@champion -> v1 (was v2): mini repeats itself\n"
-    assert cli(capsys, *flags, "list")[1].splitlines()[1].split()[5] == "champion,tiny"
+    assert cli(capsys, *flags, "list")[1].splitlines()[1].split()[9] == "champion,tiny"
     tags = c.get_model_version("mmrec", "1").tags
     assert tags["champion.reason"] == "mini repeats itself" and tags["champion.previous"] == "2"
     assert tags["champion.set_by"].endswith("via set-champion") and tags["champion.set_at"].endswith("Z")
@@ -192,7 +195,20 @@ def test_champion_ends_on_the_better_experiment_through_dvc(project):
     assert sorted(by_exp["worse"].aliases) == ["exp-worse"] and by_exp[""].aliases == []
     promotion = json.loads((root / "models/tiny/promotion.json").read_text())
     assert promotion["dvc_exp_name"] == "worse" and not promotion["champion"]
-    assert promotion["champion_reason"].startswith(f"stayed: test_bpb {worse:.4f} does not beat v")
+    assert promotion["champion_reason"].startswith(f"stayed: test_bpb_context {worse:.4f} gains -")
+    assert promotion["champion_reason"].endswith("the lower end does not clear min_improvement 0.0")
+    assert promotion["champion_gain_high"] < 0  # the worse experiment is worse on the whole interval
     assert by_exp["worse"].tags["champion.decision"] == promotion["champion_reason"]
     for v in by_exp.values():
         assert {"test_bpb", "rung", "git_commit", "data_sha256", "tokenizer_sha256", "params_hash"} <= set(v.tags)
+
+    # the worse experiment's weights (train comes back from the run-cache) scored on the first 600 test tokens only
+    dvc(root, "exp", "run", "-n", "subset", "-S", "train.max_steps=20", "-S", "evaluate.max_tokens=600")
+    promotion = json.loads((root / "models/tiny/promotion.json").read_text())
+    v = str(by_exp["worse"].version)
+    assert promotion["model_version"] == v and not promotion["whole_split"] and not promotion["champion"]
+    assert promotion["version_figure"].startswith(f"v{v} keeps its reference figure (test_bpb_context {worse:.4f}, "
+                                                  "the whole test split); this one on a subset of the test split")
+    assert promotion["champion_reason"].startswith("stayed: this figure is on a subset of the test split")
+    assert c.get_model_version("mmrec", v).tags["test_bpb"] == by_exp["worse"].tags["test_bpb"]
+    assert str(c.get_model_version_by_alias("mmrec", "champion").version) == str(by_exp["better"].version)
