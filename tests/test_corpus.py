@@ -527,7 +527,9 @@ def test_peak_memory_does_not_grow_with_the_file(tmp_path, fmt):
         sizes[n] = (text_mb, peak_rss_mb(path, tmp_path / f"root{n}"))
     (small_mb, small_rss), (large_mb, large_rss) = sizes[400], sizes[4_000]
     assert large_mb - small_mb > 10
-    assert large_rss - small_rss < 5, sizes  # a whole-file read adds 3x the 10 MB more text and more
+    # a whole-file read adds 3x the 10 MB more text and more (30+ MB); streaming adds allocator noise, up to
+    # 5 MB seen when another test runs beside it
+    assert large_rss - small_rss < 15, sizes
 
 
 # ------------------------------------------------------------------------ parallel, caps
