@@ -1,6 +1,6 @@
 """How large a gain is real on this corpus? K seeds of one rung, each scored the way the gate scores it.
 
-    python bench/bench_seeds.py --rung tiny --seeds 4 --steps 400    # ~12 min on 2 cores
+    python bench/bench_seeds.py --rung tiny --seeds 4 --steps 400    # ~18 min on 2 cores beside another job
 
 Each seed trains the rung from scratch with the pipeline's own loop (fit) and schedule, on the tokens of
 `dvc repro tokenizer`, for --steps steps (evaluated once, at the end, so the kept weights are the last),
