@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from mmrec.errors import UserError
-from mmrec.paths import taken_by
+from mmrec.paths import DATA, METRICS, MODELS, taken_by
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 PARAMS_FILE = Path("params.yaml")
@@ -167,6 +167,17 @@ class TrainParams(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: Literal["auto", True, False] = "auto"  # auto: torch.compile on CUDA, eager on the CPU
     checkpoint_dir: str = "checkpoints"  # last.pt lives here, outside DVC, so a killed run resumes
+
+    @field_validator("checkpoint_dir")
+    @classmethod
+    def _outside_dvc_outputs(cls, v: str) -> str:
+        # DVC deletes a stage's outputs before it runs and replaces them on a restore: a last.pt among them
+        # would be gone just when a killed run needs it (a rung's model folder is models/<rung>)
+        top = Path(v).parts[:1]
+        if top and not Path(v).is_absolute() and Path(*top) in (DATA, MODELS, METRICS):
+            raise ValueError(f"puts last.pt under {top[0]}/, where DVC keeps (and deletes) stage outputs; use a "
+                             "folder outside data/, models/ and metrics/ (default: checkpoints)")
+        return v
 
     @field_validator("rdzv_endpoint")
     @classmethod

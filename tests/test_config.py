@@ -27,8 +27,8 @@ GAPS_BEFORE_ISSUE_19 = [
      "rung name 'tokenizer' is taken: the rung's models/tokenizer is another stage's output"),
     ({"ladder": {"tiny": {"width": 64, "layers": 1}, "download": {"width": 64, "layers": 1}}},
      "rung name 'download' is taken: the rung's metrics/speed/download.json is another stage's output"),
-    ({"train": {"checkpoint_dir": "data"}, "ladder": {"tokens": {"width": 64, "layers": 1}}},
-     "rung name 'tokens' is taken: the rung's data/tokens is another stage's output"),
+    ({"train": {"checkpoint_dir": "data"}}, "train.checkpoint_dir = 'data'"),  # its rung folders: data/tokens, ...
+    ({"train": {"checkpoint_dir": "./models/ckpt"}}, "puts last.pt under models/, where DVC keeps (and deletes) stage outputs"),
     ({"evaluate": {"max_tokens": 1}}, "evaluate: max_tokens 1 must be 0 (every test token) or at least "
                                       "train.seq_len + 1 = 257"),
     ({"train": {"seq_len": 32}, "evaluate": {"max_tokens": 32}}, "at least train.seq_len + 1 = 33"),
