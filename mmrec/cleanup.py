@@ -14,16 +14,17 @@ from pathlib import Path
 
 from mmrec.config import MlflowParams, Params
 from mmrec.files import sweep_tree
-from mmrec.paths import DATA, METRICS, MODELS
-from mmrec.store_location import tracking_uri
+from mmrec.paths import OUTPUT_ROOTS
+from mmrec.store_location import local_store, tracking_uri
 
 
 def clean_up(params: Params, root: Path = Path(".")) -> list[str]:
     """Remove the dead attempts' temp files under `root`, end their runs and delete their orphan logged models.
     Returns one line per thing cleaned up (none when there was nothing)."""
     lines = []
-    for top in (DATA, MODELS, METRICS, Path(params.train.checkpoint_dir)):
-        lines += [f"removed {p.relative_to(root)} (its writer is gone)" for p in sweep_tree(root / top)]
+    for top in (*OUTPUT_ROOTS, Path(params.train.checkpoint_dir)):  # an absolute checkpoint_dir: named whole
+        lines += [f"removed {p.relative_to(root) if p.is_relative_to(root) else p} (its writer is gone)"
+                  for p in sweep_tree(root / top)]
     if _nothing_in_store(params.mlflow):
         return lines
     from mmrec import track
@@ -45,7 +46,7 @@ def _nothing_in_store(params: MlflowParams) -> bool:
     uri = tracking_uri(params)
     if not uri.startswith("sqlite:///"):
         return False
-    db = Path(uri.removeprefix("sqlite:///"))
+    db = local_store(uri)
     if not db.exists():
         return True
     try:

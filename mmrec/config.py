@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from mmrec.errors import UserError
-from mmrec.paths import DATA, METRICS, MODELS, taken_by
+from mmrec.paths import OUTPUT_ROOTS, taken_by
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 PARAMS_FILE = Path("params.yaml")
@@ -174,7 +174,7 @@ class TrainParams(Section):
         # DVC deletes a stage's outputs before it runs and replaces them on a restore: a last.pt among them
         # would be gone just when a killed run needs it (a rung's model folder is models/<rung>)
         top = Path(v).parts[:1]
-        if top and not Path(v).is_absolute() and Path(*top) in (DATA, MODELS, METRICS):
+        if top and not Path(v).is_absolute() and Path(*top) in OUTPUT_ROOTS:
             raise ValueError(f"puts last.pt under {top[0]}/, where DVC keeps (and deletes) stage outputs; use a "
                              "folder outside data/, models/ and metrics/ (default: checkpoints)")
         return v

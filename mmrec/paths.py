@@ -12,6 +12,7 @@ PREPARED = Path("data/prepared")
 TOKENS = Path("data/tokens")
 TOKENIZER = Path("models/tokenizer")
 METRICS = Path("metrics")
+OUTPUT_ROOTS = (DATA, MODELS, METRICS)  # the folders DVC writes (and deletes) outputs in
 # What the stages that run once per pipeline write, as their outs in dvc.yaml (tests/test_config.py checks
 # the two agree): a rung's files must never land on these (see `taken_by`).
 SHARED_OUTS = (PARAMS_OK, PREPARED, METRICS / "download.json", METRICS / "speed" / "download.json",

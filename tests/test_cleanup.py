@@ -32,6 +32,17 @@ def test_the_temps_of_dead_writers_go_and_nothing_else(tmp_path):
     assert all((tmp_path / name).exists() for name in kept) and not any((tmp_path / n).exists() for n in gone)
 
 
+def test_a_dead_writers_temp_in_a_shared_checkpoint_folder_goes_and_is_named_whole(tmp_path):
+    shared = tmp_path / "shared"  # train.checkpoint_dir on another disk: absolute, outside the repository
+    stale = shared / f"tiny/.last.{a_dead_stamp()}-abcd.tmp.pt"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("x")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    lines = cleanup.clean_up(tiny_params(repo, train={"checkpoint_dir": str(shared)}), repo)
+    assert lines == [f"removed {stale} (its writer is gone)"] and not stale.exists()
+
+
 def test_the_store_is_opened_only_when_it_may_hold_something_to_clean_up(tmp_path):
     params = tiny_params(tmp_path).mlflow
     assert cleanup._nothing_in_store(params)  # no store yet
