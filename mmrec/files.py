@@ -63,7 +63,7 @@ def sweep_tree(root: Path) -> list[Path]:
             if owner is not None and not alive(owner):
                 _remove(Path(top) / name)
                 gone.append(Path(top) / name)
-        dirs[:] = [d for d in dirs if (Path(top) / d).is_dir()]  # not into what was just removed
+        dirs[:] = [d for d in dirs if Path(top) / d not in gone]  # not into what was just removed
     return gone
 
 
@@ -92,8 +92,9 @@ def replacing_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(path)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-{stamp()}-"))
-    old = path.with_name(f".{path.name}.old-{stamp()}")
+    me = stamp()
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-{me}-"))
+    old = path.with_name(f".{path.name}.old-{me}")
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_UMASK)
