@@ -134,23 +134,23 @@ def doc_scores(paths: RungPaths) -> DocScores | None:
     return paired.load(paths.doc_scores, f"evaluate@{paths.rung}") if paths.doc_scores.exists() else None
 
 
-def reference(params: Params, rung: str, root: Path) -> tuple[str | None, float | None, list[str]]:
-    """The nearest promoted ancestor and its test bits per byte, and the rejected ancestors passed on the way."""
+def reference(params: Params, rung: str, root: Path) -> tuple[str | None, dict | None, list[str]]:
+    """The nearest promoted ancestor and its decision (promotion.json), and the rejected ancestors passed on the way."""
     passed = []
     ancestor = params.rung(rung).parent
     while ancestor:
         promo = load_json(RungPaths(root, ancestor).promotion, f"promote@{ancestor}")
         if promo["promoted"]:
-            return ancestor, promo["test_bpb"], passed
+            return ancestor, promo, passed
         passed.append(ancestor)
         ancestor = params.rung(ancestor).parent
     return None, None, passed
 
 
-def ancestor_figure(ancestor: str, bpb: float, root: Path) -> Figure:
+def ancestor_figure(ancestor: str, promo: dict, root: Path) -> Figure:
     """The nearest promoted ancestor's figure, with its per-document scores when it has them."""
     paths = RungPaths(root, ancestor)
-    promo = load_json(paths.promotion, f"promote@{ancestor}")
+    bpb = promo["test_bpb"]
     refuse_non_finite(ancestor, paths.promotion, {"test_bpb": bpb})
     scores = doc_scores(paths)
     if scores is not None and abs(scores.bpb - bpb) > 1e-6:
@@ -170,10 +170,11 @@ def decide(params: Params, rung: str, root: Path = Path(".")) -> Decision:
     scores = doc_scores(paths)
     if scores is not None:
         refuse_non_finite(rung, paths.doc_scores, {f"{scores.metric} summed over its documents": scores.bpb})
-    ref_rung, ref, passed = reference(params, rung, root)
+    ref_rung, ref_promo, passed = reference(params, rung, root)
     interval = None
     if ref_rung is not None:
-        ancestor = ancestor_figure(ref_rung, ref, root)
+        ancestor = ancestor_figure(ref_rung, ref_promo, root)
+        ref = ancestor.bpb
         v = compare(ancestor, Figure(rung, bpb, GATE_METRIC, scores), p, params.seed)
         threshold, promoted, reason, gain, interval = ref - p.min_improvement, v.better, v.why, v.gain, v.interval
         if not v.comparable:
