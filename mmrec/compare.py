@@ -19,6 +19,7 @@ import pandas as pd
 
 from mmrec.errors import UserError, exits_cleanly
 from mmrec.files import replacing
+from mmrec.paired import interval_text
 
 STATUSES = ["FINISHED", "RUNNING", "FAILED", "KILLED", "SCHEDULED"]
 # column -> where mlflow.search_runs puts it; tokens_per_s is the run's median, logged once at the end
@@ -107,15 +108,11 @@ def comparison_table(runs: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     return table.reset_index(drop=True), hidden
 
 
-def interval(low: float, high: float) -> str:
-    return "-" if pd.isna(low) or pd.isna(high) else f"[{low:.4f},{high:.4f}]"
-
-
 def render(table: pd.DataFrame) -> str:
     """The table on screen: short run ids, the gain's interval as one '[low,high]' column."""
     shown = table.assign(run_id=table["run_id"].str[:SHORT_ID]).rename(columns={"run_id": "run"})
     at = shown.columns.get_loc("gain_low")
-    shown.insert(at, "interval", [interval(lo, hi) for lo, hi in zip(table["gain_low"], table["gain_high"])])
+    shown.insert(at, "interval", [interval_text(lo, hi) for lo, hi in zip(table["gain_low"], table["gain_high"])])
     shown = shown.drop(columns=["gain_low", "gain_high"])
     fmt = {name: "{:.4f}".format for name in ["test_bpb", "best_val_loss", "test_loss", "test_bpb_context", "gain"]}
     fmt["tokens_per_s"] = "{:,.0f}".format

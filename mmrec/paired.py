@@ -174,6 +174,13 @@ def bootstrap(n: int, statistic: Callable[[np.ndarray], np.ndarray], confidence:
     return float(low), float(high)
 
 
+def interval_text(low: float | None, high: float | None) -> str:
+    """A gain's interval as a table shows it, '[low,high]', or '-' when it was decided by a fixed margin."""
+    if low is None or high is None or np.isnan(low) or np.isnan(high):
+        return "-"
+    return f"[{low:.4f},{high:.4f}]"
+
+
 def figure_interval(scores: DocScores, confidence: float, samples: int, seed: int) -> tuple[float, float]:
     """How far the figure itself would move with other documents of the same kind in the test split."""
     bits, n_bytes = scores.bits, scores.bytes.astype(float)

@@ -311,8 +311,10 @@ def _documents(tags: dict[str, str]) -> str:
 
 def _interval(tags: dict[str, str]) -> str:
     """'[low,high]' of the gain at its confidence, '-' when it was compared by a fixed margin."""
+    from mmrec.paired import interval_text
+
     low, high = tags.get("gain_low"), tags.get("gain_high")
-    return f"[{float(low):.4f},{float(high):.4f}]" if low and high else "-"
+    return interval_text(float(low), float(high)) if low and high else "-"
 
 
 @exits_cleanly
