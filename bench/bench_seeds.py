@@ -28,10 +28,7 @@ from common import ROOT, setup, train
 from mmrec.evaluate import test_metrics
 from mmrec.model import ModelConfig, build_model, count_params
 from mmrec.paired import figure_interval, paired_gain
-try:
-    from mmrec.schedule import budget_for
-except ImportError:  # before train.py was split by concern
-    from mmrec.train import budget_for
+from mmrec.schedule import budget_for
 
 
 def main() -> None:

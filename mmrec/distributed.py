@@ -162,12 +162,7 @@ def mean(value: float, group: Group) -> float:
 
 def any_rank(flag: bool, group: Group) -> bool:
     """True on every rank when `flag` is true on any: one decision (stop on Ctrl-C) that no rank takes alone."""
-    if group.world == 1:
-        return flag
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return mean(float(flag), group) > 0
 
 
 def gather(obj: Any, group: Group) -> list[Any]:
