@@ -228,7 +228,7 @@ def fit(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, tp: TrainPar
             if not math.isfinite(loss_sum):
                 raise TrainingDiverged(
                     f"loss became {loss_sum} at step {progress.step} (lr {lr:.2e}); the last good checkpoint is "
-                    f"{ckpt_dir / 'last.pt'} (step {progress.history[-1]['step'] if progress.history else 0}); "
+                    f"{ckpt_dir / 'last.pt'} (step {max(saved_at, 0)}); "
                     "lower train.lr or raise train.warmup_steps")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                              tp.grad_clip if tp.grad_clip > 0 else math.inf))
