@@ -35,7 +35,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from mmrec.tokenizer import encode_split, layout_kept, load_tokenizer, read_docs, token_dtype  # noqa: E402
+from mmrec.data.tokenizer import encode_split, layout_kept, load_tokenizer, read_docs, token_dtype  # noqa: E402
 
 LIMIT_BYTES = 32 << 20  # train text the limit is measured on (all of it when smaller)
 
@@ -117,7 +117,7 @@ def encode_limit(project: Path, threads: int, reps: int = 3) -> dict:
     """SentencePiece's own encode speed on the start of the prepared train text (LIMIT_BYTES), all in memory,
     one call with `threads` threads: what an encode pass would reach with no overhead at all. On a shared
     machine the speed drifts, so it is measured in turns with the stage's own encode code
-    (mmrec.tokenizer.encode_split, reading the same text from a file), and both keep their best."""
+    (mmrec.data.tokenizer.encode_split, reading the same text from a file), and both keep their best."""
     train = project / "data/prepared/train.txt"
     with open(train, "rb") as f:
         head = f.read(LIMIT_BYTES)
@@ -145,7 +145,7 @@ sys.path.insert(0, sys.argv[1])
 from pathlib import Path
 from mmrec.config import TokenizerParams
 from mmrec.memory import peak_rss_mb
-from mmrec.tokenizer import layout_kept, load_tokenizer, read_docs, train_tokenizer
+from mmrec.data.tokenizer import layout_kept, load_tokenizer, read_docs, train_tokenizer
 params = TokenizerParams(**json.loads(sys.argv[3]))
 prepared = Path(sys.argv[2]) / "data/prepared"
 start = time.perf_counter()

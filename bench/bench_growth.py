@@ -23,13 +23,13 @@ import argparse
 import torch
 
 from common import ROOT, setup, train
-from mmrec import checkpoint
-from mmrec.growth import grow_state_dict
-from mmrec.model import ModelConfig, build_model, count_params
+from mmrec.model import checkpoint
+from mmrec.model.growth import grow_state_dict
+from mmrec.model.lm import ModelConfig, build_model, count_params
 from mmrec.config import TrainParams
-from mmrec.data import fixed_starts
-from mmrec.schedule import budget_for
-from mmrec.train import val_loss
+from mmrec.data.windows import fixed_starts
+from mmrec.training.schedule import budget_for
+from mmrec.training.loop import val_loss
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

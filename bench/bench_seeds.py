@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from common import ROOT, setup, train
-from mmrec.evaluate import test_metrics
-from mmrec.model import ModelConfig, build_model, count_params
-from mmrec.paired import figure_interval, paired_gain
-from mmrec.schedule import budget_for
+from mmrec.pipeline.evaluate import test_metrics
+from mmrec.model.lm import ModelConfig, build_model, count_params
+from mmrec.registry.paired import figure_interval, paired_gain
+from mmrec.training.schedule import budget_for
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ Each training is the tiny rung's real stage code (`train_rung`: the loop, checkp
 process of its own over the pipeline's tokens, with a private MLflow store. Three ways:
 
   alone    one training, `train.threads: 0` (all the cores it sees)
-  shared   two started together, `train.threads: 0` (mmrec/cores.py divides the cores between them)
+  shared   two started together, `train.threads: 0` (mmrec/training/cores.py divides the cores between them)
   greedy   two started together, each with every core (what `threads: 0` meant before)
 
 The figure of merit is the wall time of the pair over the time of one alone: 2.0 is a perfect share.
@@ -33,7 +33,7 @@ CHILD = """
 import json, sys, time
 sys.path.insert(0, {root!r})
 from mmrec.config import load_params
-from mmrec.rung import train_rung
+from mmrec.pipeline.rung import train_rung
 params = load_params("params.yaml")
 start = time.perf_counter()
 m = train_rung(params, "tiny")
@@ -98,7 +98,7 @@ def main() -> None:
     args = ap.parse_args()
     if not (ROOT / "data/tokens/header.json").exists():
         sys.exit("data/tokens is missing -- run `dvc repro tokenizer` first")
-    from mmrec.cores import cpu_count
+    from mmrec.training.cores import cpu_count
 
     cores = cpu_count()
     print(f"{cores} cores, tiny rung, {args.steps} steps a training, best of {args.repeats}", flush=True)

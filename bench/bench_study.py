@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from common import ROOT, peak_rss_mb, setup, train
-from mmrec.evaluate import test_metrics
-from mmrec.model import ModelConfig, count_params
+from mmrec.pipeline.evaluate import test_metrics
+from mmrec.model.lm import ModelConfig, count_params
 
 MARKERS = ("<!-- bench_study:start -->", "<!-- bench_study:end -->")
 

@@ -6,8 +6,8 @@
 
 A step is forward + backward + AdamW (fused on CUDA) on the default tiny rung's shape (params.yaml defaults,
 vocab 5000), bf16 autocast around the forward on CUDA as training does. tokens/s is the best (or median)
-timed step; MFU is the model's FLOPs per token (6N, plus attention for GPT: mmrec/model.py) times tokens/s
-over the device's peak (a table of GPUs, else a matmul probe: mmrec/train.py). With --compile the first
+timed step; MFU is the model's FLOPs per token (6N, plus attention for GPT: mmrec/model/lm.py) times tokens/s
+over the device's peak (a table of GPUs, else a matmul probe: mmrec/training/loop.py). With --compile the first
 warm-up step's time is the compile time, reported apart. Variants: `mmrec` uses the scan this device gets
 (fla's fused kernel on CUDA when installed, our chunked scan otherwise), `mmrec:torch` forces our scan
 (MMREC_SCAN=torch), `mmrec:fla` forces fla's. Each (variant, seq) runs in its own process so its peak memory
@@ -29,11 +29,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mmrec.config import ModelParams, RungParams  # noqa: E402
-from mmrec.device import autocast  # noqa: E402
-from mmrec.model import ModelConfig, build_model, count_params, flops_per_token, param_groups  # noqa: E402
-from mmrec.perf import peak_flops  # noqa: E402
-from mmrec.scan import FLA_AVAILABLE, hgrn_scan, linear_scan, scan_backend  # noqa: E402
-from mmrec.train import forward_backward  # noqa: E402
+from mmrec.training.device import autocast  # noqa: E402
+from mmrec.model.lm import ModelConfig, build_model, count_params, flops_per_token, param_groups  # noqa: E402
+from mmrec.training.perf import peak_flops  # noqa: E402
+from mmrec.model.scan import FLA_AVAILABLE, hgrn_scan, linear_scan, scan_backend  # noqa: E402
+from mmrec.training.loop import forward_backward  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

@@ -20,9 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mmrec.config import ModelParams, RungParams, TrainParams  # noqa: E402
-from mmrec.model import ModelConfig, build_model, count_params  # noqa: E402
-from mmrec.schedule import Budget  # noqa: E402
-from mmrec.train import fit, seed_everything  # noqa: E402
+from mmrec.model.lm import ModelConfig, build_model, count_params  # noqa: E402
+from mmrec.training.schedule import Budget  # noqa: E402
+from mmrec.training.loop import fit, seed_everything  # noqa: E402
 
 
 def markov_tokens(n: int, vocab: int, seed: int = 0) -> np.ndarray:

@@ -13,10 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from mmrec.config import Params, load_params  # noqa: E402
 from mmrec.errors import UserError  # noqa: E402
-from mmrec.model import ModelConfig, build_model  # noqa: E402
-from mmrec.schedule import Budget  # noqa: E402
-from mmrec.tokenizer import load_tokens, read_header  # noqa: E402
-from mmrec.train import MetricSink, Progress, fit, seed_everything  # noqa: E402
+from mmrec.model.lm import ModelConfig, build_model  # noqa: E402
+from mmrec.training.schedule import Budget  # noqa: E402
+from mmrec.data.tokenizer import load_tokens, read_header  # noqa: E402
+from mmrec.training.loop import MetricSink, Progress, fit, seed_everything  # noqa: E402
 
 
 def setup(root: Path = ROOT) -> tuple[Params, dict, object, object]:

@@ -33,13 +33,13 @@ else
     $PY -m pip install -q -r requirements-gpu.txt || exit 1
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
-$PY -c "import torch, triton, fla, fla.ops.hgrn, mmrec.scan as s; print('torch', torch.__version__, 'triton', triton.__version__,
+$PY -c "import torch, triton, fla, fla.ops.hgrn, mmrec.model.scan as s; print('torch', torch.__version__, 'triton', triton.__version__,
 'fla', fla.__version__, 'fused scan available:', s.FLA_AVAILABLE); assert s.FLA_AVAILABLE, 'fla does not load'" \
     2>&1 | tee -a "$OUT/device.txt"
 [[ ${PIPESTATUS[0]} == 0 ]] || { echo "error: the fused scan cannot run here; nothing measured"; exit 1; }
 
 echo "== CUDA parity: fla's fused scan against the float64 sequential scan (outputs and gradients)"
-$PY -m pytest -q -p no:cacheprovider tests/test_scan.py tests/test_model.py -k "cuda" -rs 2>&1 | tee "$OUT/parity.txt"
+$PY -m pytest -q -p no:cacheprovider tests/model/test_scan.py tests/model/test_lm.py -k "cuda" -rs 2>&1 | tee "$OUT/parity.txt"
 parity=${PIPESTATUS[0]}
 grep -q "skipped" "$OUT/parity.txt" && { echo "error: CUDA parity tests were skipped"; parity=1; }
 

@@ -160,7 +160,7 @@ class TrainParams(Section):
     eval_windows: PositiveInt = 32  # fixed validation windows of seq_len tokens
     patience: Annotated[int, Field(ge=0)] = 0  # evaluations without improvement; 0 never stops early
     log_every: PositiveInt = 10
-    threads: Annotated[int, Field(ge=0, le=1024)] = 0  # 0: a fair share, cores / trainings running at once (mmrec/cores.py)
+    threads: Annotated[int, Field(ge=0, le=1024)] = 0  # 0: a fair share, cores / trainings running at once (mmrec/training/cores.py)
     nproc: Annotated[int, Field(ge=1, le=1024)] = 1  # data-parallel processes on each machine (torchrun)
     nnodes: Annotated[int, Field(ge=1, le=1024)] = 1  # machines that train together (docs/gpus.md)
     rdzv_endpoint: str = ""  # host:port where the nodes meet: the one that runs `dvc repro`

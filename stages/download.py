@@ -8,7 +8,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # mmrec is not pip-installed
 
 from mmrec.config import load_params  # noqa: E402
-from mmrec.corpus import build_corpus  # noqa: E402
+from mmrec.data.corpus import build_corpus  # noqa: E402
 from mmrec.errors import exits_cleanly  # noqa: E402
 
 

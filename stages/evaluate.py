@@ -1,4 +1,4 @@
-"""DVC stage evaluate@<rung>: see mmrec/evaluate.py.
+"""DVC stage evaluate@<rung>: see mmrec/pipeline/evaluate.py.
 
     python stages/evaluate.py tiny
 """
@@ -14,7 +14,7 @@ from mmrec.errors import exits_cleanly  # noqa: E402
 @exits_cleanly
 def main(argv: list[str]) -> None:
     params, rung = load_rung_params(argv, "evaluate")
-    from mmrec.evaluate import evaluate_rung
+    from mmrec.pipeline.evaluate import evaluate_rung
 
     m = evaluate_rung(params, rung)
     print(f"{rung}: test bits/byte {m['test_bpb_context']:.4f} with full context, {m['test_bpb']:.4f} in "

@@ -1,4 +1,4 @@
-"""DVC stage promote@<rung>: see mmrec/promote.py.
+"""DVC stage promote@<rung>: see mmrec/registry/gate.py.
 
     python stages/promote.py tiny
 """
@@ -14,7 +14,7 @@ from mmrec.errors import exits_cleanly  # noqa: E402
 @exits_cleanly
 def main(argv: list[str]) -> None:
     params, rung = load_rung_params(argv, "promote")
-    from mmrec.promote import promote_rung
+    from mmrec.registry.gate import promote_rung
 
     d = promote_rung(params, rung)
     verdict = f"promoted as {d.registered_model} v{d.model_version}" if d.promoted else "not promoted (continuing)"

@@ -11,7 +11,7 @@ from mmrec.errors import UserError, exits_cleanly  # noqa: E402
 from mmrec.files import replacing_dir, write_json  # noqa: E402
 from mmrec.memory import peak_rss_mb  # noqa: E402
 from mmrec.paths import PREPARED, SPLITS, TOKENIZER, TOKENS  # noqa: E402
-from mmrec.tokenizer import encode_splits, train_tokenizer  # noqa: E402
+from mmrec.data.tokenizer import encode_splits, train_tokenizer  # noqa: E402
 
 METRICS = Path("metrics/tokenizer.json")
 SPEED = Path("metrics/speed/tokenizer.json")  # wall clock, apart from the reproducible metrics

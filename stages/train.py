@@ -21,10 +21,10 @@ def main(argv: list[str]) -> None:
     params, rung = load_rung_params(argv, "train")
     tp = params.train
     if tp.nproc * tp.nnodes > 1 and "LOCAL_RANK" not in os.environ:  # run again under torch's own launcher
-        from mmrec.distributed import launch
+        from mmrec.training.distributed import launch
 
         sys.exit(launch(__file__, [rung], tp.nproc, tp.nnodes, tp.rdzv_endpoint))
-    from mmrec.rung import train_rung
+    from mmrec.pipeline.rung import train_rung
 
     metrics = train_rung(params, rung)
     if metrics is not None:  # rank 0

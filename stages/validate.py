@@ -5,7 +5,7 @@ up what killed attempts left behind.
 
 Every stage depends on data/params.ok. A bad value stops `dvc repro` here, with one line, before DVC
 deletes any output of a dirty stage. The stage runs on every `dvc repro` and `dvc exp run`
-(`always_changed`), so it also cleans up after the dead attempts of earlier ones (mmrec/cleanup.py),
+(`always_changed`), so it also cleans up after the dead attempts of earlier ones (mmrec/pipeline/cleanup.py),
 even when every other stage is restored from the run-cache. The file's content never depends on the
 values, so this stage reruns nothing else: a valid change reruns only the stages that read it.
 """
@@ -18,7 +18,7 @@ from mmrec.config import load_params  # noqa: E402
 from mmrec.errors import exits_cleanly  # noqa: E402
 from mmrec.files import write_text  # noqa: E402
 from mmrec.paths import PARAMS_OK  # noqa: E402
-from mmrec.cleanup import clean_up  # noqa: E402
+from mmrec.pipeline.cleanup import clean_up  # noqa: E402
 
 
 @exits_cleanly

@@ -26,6 +26,17 @@ VERBS = ["went up to", "spake unto", "looked upon", "came down from", "gave brea
 OBJECTS = ["the mountain", "the house of David", "Jerusalem", "the river", "the land of Egypt", "the temple"]
 
 
+E2E = Path(__file__).resolve().parent / "e2e"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/e2e/ (the real dvc CLI, servers, several processes) is marked e2e, beside the few
+    slow tests marked by hand in the unit folders: `python -m pytest -m "not e2e"` is the fast loop."""
+    for item in items:
+        if item.path.is_relative_to(E2E):
+            item.add_marker(pytest.mark.e2e)
+
+
 @pytest.fixture(autouse=True)
 def _sys_path_restored():
     """mlflow.pyfunc.load_model puts a model's code folder (a partial copy of mmrec) first on sys.path: a process
@@ -166,8 +177,8 @@ def project(tmp_path: Path, corpus_txt: Path):
 def tokenized(tmp_path_factory) -> Path:
     """A root with data/prepared, models/tokenizer and data/tokens built by the real code from the synthetic corpus."""
     from mmrec.config import DataParams, TokenizerParams
-    from mmrec.corpus import write_splits
-    from mmrec.tokenizer import encode_splits, train_tokenizer
+    from mmrec.data.corpus import write_splits
+    from mmrec.data.tokenizer import encode_splits, train_tokenizer
 
     root = tmp_path_factory.mktemp("tokenized")
     prepared = root / "data" / "prepared"

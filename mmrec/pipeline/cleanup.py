@@ -1,0 +1,60 @@
+"""Cleaning up after dead attempts, on every `dvc repro` and `dvc exp run` (the validate stage always runs).
+
+A killed stage leaves behind what only its own next run used to clean: its MLflow run RUNNING for ever, temp
+files beside its outputs (data/.prepared.tmp-*, as large as the corpus), a logged model that no registered
+version points at (a promote killed while it registered). A stage that DVC restores from its run-cache never
+runs at all. So every run, temp and logged model records the process that owns it (mmrec/procs.py); what
+names a process that is gone belongs to a dead attempt and goes, and what a live process owns (a queued
+experiment running beside this one, a stage started by hand) is left alone.
+"""
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from mmrec.config import MlflowParams, Params
+from mmrec.files import sweep_tree
+from mmrec.paths import OUTPUT_ROOTS
+from mmrec.tracking.location import local_store, tracking_uri
+
+
+def clean_up(params: Params, root: Path = Path(".")) -> list[str]:
+    """Remove the dead attempts' temp files under `root`, end their runs and delete their orphan logged models.
+    Returns one line per thing cleaned up (none when there was nothing)."""
+    lines = []
+    for top in (*OUTPUT_ROOTS, Path(params.train.checkpoint_dir)):  # an absolute checkpoint_dir: named whole
+        lines += [f"removed {p.relative_to(root) if p.is_relative_to(root) else p} (its writer is gone)"
+                  for p in sweep_tree(root / top)]
+    if _nothing_in_store(params.mlflow):
+        return lines
+    from mmrec.tracking import run as track
+    from mmrec.tracking.store import StoreError
+
+    try:
+        lines += [f"ended MLflow run '{name}' (its process is gone)" for name in track.close_abandoned(params.mlflow)]
+        lines += [f"deleted logged model {m} (no version points at it; its process is gone)"
+                  for m in track.drop_orphan_models(params.mlflow)]
+    except StoreError as err:  # the stage that needs the store will stop on it; this one only cleans up
+        lines.append(f"left the MLflow store as it is: {err}")
+    return lines
+
+
+def _nothing_in_store(params: MlflowParams) -> bool:
+    """True when a local sqlite store surely holds nothing to clean up: no store yet, or no RUNNING run and no
+    logged model without a version. Asked in plain SQL, so that an up-to-date `dvc repro` does not import
+    MLflow (seconds) for nothing; any doubt (a server, another schema, a lock) answers False."""
+    uri = tracking_uri(params)
+    if not uri.startswith("sqlite:///"):
+        return False
+    db = local_store(uri)
+    if not db.exists():
+        return True
+    try:
+        with sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=1) as con:
+            running = con.execute("select exists(select 1 from runs where status = 'RUNNING')").fetchone()[0]
+            orphans = con.execute("select exists(select 1 from logged_models m where lifecycle_stage = 'active' and "
+                                  "not exists(select 1 from model_versions where source = 'models:/' || m.model_id))"
+                                  ).fetchone()[0]
+    except sqlite3.Error:
+        return False
+    return not running and not orphans

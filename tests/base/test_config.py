@@ -1,0 +1,230 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmrec.config import Params, ParamsError, load_params, parse_params
+from tests.conftest import REPO
+
+
+def test_shipped_params_yaml_equals_schema_defaults():
+    assert load_params(REPO / "params.yaml") == Params()
+
+
+# Each passed validation and failed only in a later stage, after DVC had removed that stage's outputs.
+GAPS_BEFORE_ISSUE_19 = [
+    ({"model": {"arch": "gpt", "head_dim": 24}},
+     "ladder.tiny.width 128 must be a multiple of model.head_dim 24 (arch 'gpt' splits the width into heads)"),
+    ({"model": {"arch": "gpt", "head_dim": 12}, "ladder": {"a": {"width": 96, "layers": 1},  # every rung
+                                                           "b": {"width": 40, "layers": 1}}},
+     "ladder.b.width 40 must be a multiple of model.head_dim 12"),
+    ({"model": {"arch": "gpt", "head_dim": 9}, "ladder": {"a": {"width": 72, "layers": 1, "memories": 1}}},
+     "model: head_dim 9 must be even for arch 'gpt'"),
+    ({"model": {"arch": "gpt", "uboo_weight": 0.1}}, "model: uboo_weight 0.1 needs arch 'mmrec'"),
+    ({"ladder": {"tokenizer": {"width": 64, "layers": 1}}},
+     "rung name 'tokenizer' is taken: the rung's models/tokenizer is another stage's output"),
+    ({"ladder": {"tiny": {"width": 64, "layers": 1}, "download": {"width": 64, "layers": 1}}},
+     "rung name 'download' is taken: the rung's metrics/speed/download.json is another stage's output"),
+    ({"train": {"checkpoint_dir": "data"}}, "train.checkpoint_dir = 'data'"),  # its rung folders: data/tokens, ...
+    ({"train": {"checkpoint_dir": "./models/ckpt"}}, "puts last.pt under models/, where DVC keeps (and deletes) stage outputs"),
+    ({"evaluate": {"max_tokens": 1}}, "evaluate: max_tokens 1 must be 0 (every test token) or at least "
+                                      "train.seq_len + 1 = 257"),
+    ({"train": {"seq_len": 32}, "evaluate": {"max_tokens": 32}}, "at least train.seq_len + 1 = 33"),
+]
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ({"train": {"lr": -1}}, "train.lr = -1"),
+    ({"tokenizer": {"vocab_size": 50}}, "tokenizer.vocab_size = 50"),
+    ({"data": {"val_fraction": 0.7}}, "data.val_fraction = 0.7"),
+    ({"data": {"test_fraction": 0}}, "data.test_fraction = 0"),
+    ({"trian": {}}, "unknown key 'trian'"),
+    ({"train": {"lrr": 0.1}}, "unknown key 'train.lrr'"),
+    ({"train": {"max_steps": "many"}}, "train.max_steps = 'many'"),
+    ({"model": {"arch": "lstm"}}, "model.arch = 'lstm'"),
+    ({"train": {"lr": 1e-4, "min_lr": 1e-3}}, "min_lr 0.001 must not exceed lr 0.0001"),
+    ({"ladder": {"a": {"width": 130, "layers": 1, "memories": 4}}}, "multiple of memories"),
+    ({"ladder": {"mini": {"width": 64, "layers": 1, "after": "models/tiny/handoff.json"}}}, "not a rung above it"),
+    ({"ladder": {"tiny": {"width": 64, "layers": 1, "after": "somewhere"}}}, "ladder.tiny.after = 'somewhere'"),
+    ({"data": {"sha256": "xyz"}}, "64 lowercase hex"),
+    ({"ladder": {"tiny": {"width": 128, "layers": 4}, "mini": {"width": 192, "layers": 6,
+                                                              "after": "models/tiny/handoff.json"}}},
+     "ladder.mini.width 192 must be an integer multiple of ladder.tiny.width 128"),
+    ({"ladder": {"tiny": {"width": 128, "layers": 4}, "mini": {"width": 256, "layers": 2,
+                                                              "after": "models/tiny/handoff.json"}}},
+     "must not be fewer than ladder.tiny.layers 4"),
+    ({"ladder": {"tiny": {"width": 128, "layers": 4}, "mini": {"width": 256, "layers": 6, "memories": 8,
+                                                              "after": "models/tiny/handoff.json"}}},
+     "must equal ladder.tiny.memories 4"),
+    ({"ladder": {"tiny": {"width": 64, "layers": 1}, "mini": {"width": 128, "layers": 1,
+                                                             "after": "models/tiny/promotion.json"}}},
+     "must be 'data/tokens' or 'models/<rung>/handoff.json'"),
+    ({"train": {"nnodes": 2}}, "params.yaml: train: rdzv_endpoint is required when nnodes = 2: host:port of the "
+                               "node that runs `dvc repro`"),
+    ({"train": {"nnodes": 2, "rdzv_endpoint": "node0"}}, "train.rdzv_endpoint = 'node0': must be host:port"),
+    ({"train": {"rdzv_endpoint": "node0:65536"}}, "train.rdzv_endpoint = 'node0:65536': must be host:port"),
+    *GAPS_BEFORE_ISSUE_19,
+])
+def test_bad_values_name_the_dotted_key(raw, expected):
+    with pytest.raises(ParamsError) as err:
+        parse_params(raw)
+    message = str(err.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_rung_parent_comes_from_after():
+    p = Params()
+    assert p.rung("tiny").parent is None
+    assert p.rung("mini").parent == "tiny"
+    with pytest.raises(ParamsError, match="unknown rung 'huge'"):
+        p.rung("huge")
+
+
+def test_digest_tracks_content():
+    a, b = Params(), parse_params({"train": {"lr": 1e-3}})
+    assert a.digest() == Params().digest()
+    assert a.digest() != b.digest()
+    assert a.digest("data") == b.digest("data")
+
+
+def test_flat_has_dotted_keys():
+    flat = Params().flat()
+    assert flat["train.lr"] == 5e-3
+    assert flat["ladder.tiny.width"] == 128
+
+
+def test_stage_prints_one_line_and_no_traceback(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": {"lr": -0.5}}))
+    proc = subprocess.run([sys.executable, str(REPO / "stages" / "train.py"), "tiny"], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: params.yaml: train.lr = -0.5: Input should be greater than 0"
+
+
+def test_invalid_yaml_is_one_line(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(path)
+
+
+def test_a_rung_may_override_dropout_and_defaults_to_the_models():
+    from mmrec.model.lm import ModelConfig
+
+    p = parse_params({"model": {"dropout": 0.05}, "ladder": {
+        "tiny": {"width": 128, "layers": 4},
+        "mini": {"width": 256, "layers": 6, "after": "models/tiny/handoff.json", "dropout": 0.2}}})
+    assert ModelConfig.from_params(p.model, p.rung("tiny"), 100).dropout == 0.05
+    assert ModelConfig.from_params(p.model, p.rung("mini"), 100).dropout == 0.2
+    with pytest.raises(ParamsError, match="ladder.mini.dropout"):
+        parse_params({"ladder": {"mini": {"width": 256, "layers": 6, "dropout": 1.5}}})
+
+
+def test_a_rung_may_override_the_weight_average_and_defaults_to_train_ema_decay():
+    from mmrec.training.schedule import budget_for
+
+    p = parse_params({"train": {"ema_decay": 0.9}, "ladder": {
+        "tiny": {"width": 128, "layers": 4},
+        "mini": {"width": 256, "layers": 6, "after": "models/tiny/handoff.json", "ema_decay": 0.995}}})
+    assert budget_for(p, "tiny").ema_decay == 0.9
+    assert budget_for(p, "mini").ema_decay == 0.995
+    off = parse_params({"ladder": {"tiny": {"width": 128, "layers": 4, "ema_decay": 0.0}}})
+    assert budget_for(off, "tiny").ema_decay == 0.0
+    with pytest.raises(ParamsError, match="ladder.mini.ema_decay"):
+        parse_params({"ladder": {"mini": {"width": 256, "layers": 6, "ema_decay": 1.0}}})
+
+
+@pytest.mark.parametrize("raw, expected", GAPS_BEFORE_ISSUE_19)
+def test_the_validate_stage_refuses_each_gap_in_one_line_and_marks_nothing_valid(tmp_path, raw, expected):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    proc = subprocess.run([sys.executable, str(REPO / "stages" / "validate.py")], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stdout == ""
+    [line] = proc.stderr.splitlines()
+    assert line.startswith("error: params.yaml: ") and expected in line
+    assert not (tmp_path / "data" / "params.ok").exists()  # so no later stage may start
+
+
+def _builds_and_trains(model: dict, ladder: dict) -> bool:
+    """Whether the model alone (no schema rule in the way) builds every rung and takes a training step."""
+    import torch
+
+    from mmrec.config import ModelParams, RungParams
+    from mmrec.errors import UserError
+    from mmrec.model.lm import ModelConfig, build_model
+
+    unchecked = ModelParams.model_construct(**(ModelParams().model_dump() | model))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # models this small only wait on each other's threads
+    try:
+        for rung in ladder.values():
+            net = build_model(ModelConfig.from_params(unchecked, RungParams(**rung), 64))
+            idx = torch.randint(0, 64, (1, 6))
+            net(idx, targets=idx).loss.backward()
+    except (UserError, RuntimeError, ValueError):
+        return False
+    finally:
+        torch.set_num_threads(threads)
+    return True
+
+
+def test_validate_accepts_exactly_the_models_that_build_and_train_for_either_arch():
+    """The schema and the model agree on every combination, for every rung: nothing refused that would work,
+    nothing passed that fails later (GPT: heads of head_dim channels, rotary pairs, no UBOO)."""
+    verdicts = []
+    for arch in ("mmrec", "gpt"):
+        for head_dim in (8, 9, 12, 16, 24):
+            for width in (16, 24, 48):
+                for uboo in (0.0, 0.5):
+                    model = {"arch": arch, "head_dim": head_dim, "uboo_weight": uboo, "dpg_rank": 4}
+                    ladder = {"a": {"width": 48, "layers": 1, "memories": 2},
+                              "b": {"width": width, "layers": 1, "memories": 2}}
+                    try:
+                        parse_params({"model": model, "ladder": ladder})
+                        accepted = True
+                    except ParamsError:
+                        accepted = False
+                    assert accepted == _builds_and_trains(model, ladder), (model, ladder)
+                    verdicts.append(accepted)
+    assert any(verdicts) and not all(verdicts)
+
+
+def test_the_names_a_rung_may_not_take_come_from_the_outputs_dvc_yaml_declares():
+    """paths.SHARED_OUTS are exactly the outs of the stages that run once, and RungPaths.outs hold every out of
+    a rung's stages: so `taken_by` sees every collision DVC would make (and only those)."""
+    from mmrec.paths import SHARED_OUTS, RungPaths, taken_by
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    shared = {Path(o) for s in stages.values() if "foreach" not in s for o in s.get("outs", [])}
+    assert shared == set(SHARED_OUTS)
+    rung_outs = {Path(o.replace("${key}", "x")) for s in stages.values() if "foreach" in s for o in s["do"]["outs"]}
+    mine = RungPaths(Path(), "x").outs
+    assert all(any(o == p or p in o.parents for p in mine) for o in rung_outs)
+    assert [n for n in ("tiny", "mini", "tokenizer", "download", "validate", "train", "speed") if taken_by(n)] \
+        == ["tokenizer", "download"]
+
+
+def test_the_smallest_max_tokens_validation_allows_evaluates(tokenized):
+    """evaluate.max_tokens: one full window is the least the test figures surely have text to divide by; 2 tokens
+    (one target) are not: here that target is the '▁' before a digit, which decodes to no text (bpb: 1 / 0)."""
+    import math
+
+    import torch
+
+    from mmrec.pipeline.evaluate import test_metrics
+    from mmrec.model.lm import ModelConfig, build_model
+    from tests.conftest import tiny_params
+
+    p = tiny_params(tokenized, evaluate={"max_tokens": 33})  # train.seq_len 32
+    model = build_model(ModelConfig.from_params(p.model, p.rung("tiny"), 400))
+    m, docs = test_metrics(model, p, tokenized, torch.device("cpu"))
+    assert m["test_tokens_scored"] == 32 and m["test_bytes_scored"] > 0 and math.isfinite(m["test_bpb_context"])
+    assert docs.bytes.sum() == m["test_bytes_scored"] and not docs.whole_split
+
+
+def test_a_rendezvous_endpoint_is_a_host_and_a_port():
+    for endpoint in ["node0:29500", "10.0.0.7:29500", "[fd00::7]:29500", "gpu-3.cluster.internal:1"]:
+        assert parse_params({"train": {"nnodes": 2, "rdzv_endpoint": endpoint}}).train.rdzv_endpoint == endpoint
