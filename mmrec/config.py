@@ -322,6 +322,16 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def flat_params_text(text: str) -> dict[str, Any]:
+    """The keys of a params.yaml text (another commit's, say) as dotted keys, unvalidated; {} when it is no
+    YAML mapping: for telling what changed, never for running."""
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return {}
+    return flatten(tree) if isinstance(tree, dict) else {}
+
+
 def _one_line(err: ValidationError) -> str:
     e = err.errors()[0]
     key = ".".join(str(p) for p in e["loc"]) or "(top level)"

@@ -19,7 +19,7 @@ from filelock import FileLock
 from mlflow import MlflowClient
 from mlflow.entities import DatasetInput
 
-from mmrec.config import PARAMS_FILE, Params, flatten
+from mmrec.config import PARAMS_FILE, Params, flat_params_text
 from mmrec.procs import identity, owner
 from mmrec.tracking.store import Store, experiment_id
 from mmrec.tracking.run import OWNER_TAG, Run, context_tags, git, git_commit, split_datasets
@@ -68,17 +68,12 @@ def _short(value: Any, limit: int = 24) -> str:
 
 def changed_params(root: Path = Path(".")) -> dict[str, Any]:
     """Params that differ from the commit the run started from (what `dvc exp run -S` changed), dotted keys."""
-    import yaml
-
     rev = os.environ.get("DVC_EXP_BASELINE_REV") or "HEAD"
     base_text = git("show", f"{rev}:{PARAMS_FILE.as_posix()}")
     path = root / PARAMS_FILE
     if not base_text or not path.exists():
         return {}
-    try:
-        base, now = flatten(yaml.safe_load(base_text) or {}), flatten(yaml.safe_load(path.read_text()) or {})
-    except yaml.YAMLError:
-        return {}
+    base, now = flat_params_text(base_text), flat_params_text(path.read_text())
     return {k: v for k, v in now.items() if base.get(k) != v}
 
 

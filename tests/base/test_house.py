@@ -82,3 +82,10 @@ def test_every_stage_depends_on_each_module_it_imports():
         extra = sorted(d for d in deps if d.startswith("mmrec/") and d not in needed)
         assert not extra, f"{name} depends on {extra} that it never runs: a change there reruns it for nothing"
         assert "data/params.ok" in deps or name == "validate", f"{name} must wait for the validate stage"
+
+
+def test_only_the_config_module_reads_yaml():
+    """params.yaml has one reader: mmrec/config.py (everything else asks it)."""
+    readers = [m for m in all_modules() if "yaml" in {a.name for n in ast.walk(ast.parse(module_file(m).read_text()))
+                                                      if isinstance(n, ast.Import) for a in n.names}]
+    assert readers == ["mmrec.config"]
