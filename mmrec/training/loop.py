@@ -144,6 +144,181 @@ def val_loss(model: torch.nn.Module, val: np.ndarray, starts: list[int], tp: Tra
         return score(model, val, [(s, tp.seq_len) for s in starts], tp.batch_size, device).loss
 
 
+class Throughput:
+    """Tokens/s and MFU of each step, with compile time, evaluations and peak probes kept out of the clock."""
+
+    def __init__(self, model: torch.nn.Module, tp: TrainParams, tokens_per_step: int, device: torch.device,
+                 group: distributed.Group, compiled: bool):
+        self.device, self.group, self.tokens_per_step = device, group, tokens_per_step
+        # MFU: the model's training FLOPs over what all ranks' devices could do in the same time.
+        self.step_flops = flops_per_token(model.cfg, count_params(model), tp.seq_len) * tokens_per_step
+        self.warming_up = compiled  # the first compiled step includes the compilation: timed apart, once
+        self.peak = self._probe_peak()
+        self.clock = time.perf_counter()
+
+    def _probe_peak(self) -> float:
+        return peak_flops(self.device.type, self.device.index)[0] * self.group.world  # once per thread count
+
+    def step_done(self) -> dict[str, float]:
+        """The figures of the step that just ended: compile time once, then tokens/s and MFU."""
+        elapsed = time.perf_counter() - self.clock
+        self.clock = time.perf_counter()
+        if self.warming_up:
+            self.warming_up = False
+            return {"perf/compile_s": elapsed}
+        return {"perf/tokens_per_s": self.tokens_per_step / max(elapsed, 1e-9),
+                "perf/mfu": self.step_flops / elapsed / self.peak}
+
+    def reprobe(self) -> None:
+        """After a flush re-divided the cores (train.threads: 0) the CPU's peak moved: probe it again."""
+        probe = time.perf_counter()
+        self.peak = self._probe_peak()
+        self.clock += time.perf_counter() - probe  # a probe is not training time
+
+    def restart(self) -> None:
+        """An evaluation or a save just ran: it is not training throughput."""
+        self.clock = time.perf_counter()
+        self.warming_up = False
+
+
+@dataclass
+class StepResult:
+    loss: float  # cross-entropy (+ UBOO's weighted loss), averaged over micro-batches and ranks
+    aux: float | None  # UBOO's loss alone, when it is on
+    grad_norm: float
+    lr: float
+
+
+class Trainer:
+    """One training's state between steps: the model (and its DDP/compiled wrappers), the optimizer, the EMA,
+    the progress, and where checkpoints go. `fit` below reads as the loop; each concern is a method here."""
+
+    def __init__(self, model: torch.nn.Module, train: np.ndarray, tp: TrainParams, budget: Budget,
+                 generator: torch.Generator, ckpt_dir: Path, extra: dict[str, Any], device: torch.device,
+                 group: distributed.Group):
+        self.model, self.train_tokens, self.tp, self.budget, self.generator = model, train, tp, budget, generator
+        self.tokens_per_step = tp.batch_size * tp.seq_len * tp.grad_accum * group.world
+        self.ckpt_dir, self.extra, self.device, self.group = ckpt_dir, extra, device, group
+        self.optimizer = torch.optim.AdamW(param_groups(model, tp.weight_decay), lr=budget.lr,
+                                           betas=(tp.beta1, tp.beta2), fused=device.type == "cuda")
+        self.ema = ema_of(model, budget.ema_decay, ramp=budget.ema_ramp) if budget.ema_decay else None
+        self.progress = Progress()
+        self.saved_at = -1  # the step that last.pt holds
+
+    @property
+    def last(self) -> Path:
+        return self.ckpt_dir / "last.pt"
+
+    @property
+    def evaluated(self) -> torch.nn.Module:
+        """The weights that are evaluated and kept as best.pt: the EMA's when there is one."""
+        return self.model if self.ema is None else self.ema.module
+
+    def resume_from(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.progress = Progress(**state["progress"])
+        restore_rng(state["rng"], self.device, self.generator, self.group, self.last)
+        self.saved_at = self.progress.step
+
+    def wrap(self) -> tuple[torch.nn.Module, Any, bool]:
+        """DDP around the model under several ranks, torch.compile around that where it pays."""
+        wrapped = self.model
+        if self.group.world > 1:
+            wrapped = DistributedDataParallel(self.model,
+                                              device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        compiled = use_compile(self.tp.compile, self.device)
+        return wrapped, torch.compile(wrapped, backend=COMPILE_BACKEND) if compiled else wrapped, compiled
+
+    def save(self, name: str, with_optimizer: bool) -> None:
+        """best.pt (weights only) or last.pt (everything a resume needs); rank 0 writes, every rank calls."""
+        rng = rng_state(self.device, self.generator, self.group) if with_optimizer else None  # a collective
+        if not self.group.main:
+            return
+        kept = self.model if with_optimizer else self.evaluated
+        state = {"model": kept.state_dict(), "progress": self.progress.__dict__, **self.extra}
+        if with_optimizer:
+            state |= {"optimizer": self.optimizer.state_dict(), "rng": rng}
+            if self.ema is not None:
+                state["ema"] = self.ema.state_dict()
+        checkpoint.save_atomic(state, self.ckpt_dir / name)
+
+    def save_last(self) -> None:
+        self.save("last.pt", with_optimizer=True)
+        self.saved_at = self.progress.step
+
+    def train_step(self, wrapped: torch.nn.Module, step_fn: Any) -> StepResult:
+        """One optimizer step over grad_accum micro-batches; a step with a non-finite gradient is skipped."""
+        tp, group, progress = self.tp, self.group, self.progress
+        lr = lr_at(progress.step, self.budget, min(tp.min_lr, self.budget.lr))
+        for param_group in self.optimizer.param_groups:
+            param_group["lr"] = lr
+        self.model.train()
+        loss, aux = 0.0, 0.0  # aux: UBOO's loss, logged apart from the cross-entropy
+        for micro in range(tp.grad_accum):
+            x, y = random_batch(self.train_tokens, tp.batch_size, tp.seq_len, self.generator)
+            sync = micro == tp.grad_accum - 1 or group.world == 1  # DDP all-reduces on the last micro-batch only
+            with contextlib.nullcontext() if sync else wrapped.no_sync():
+                out = forward_backward(step_fn, x.to(self.device), y.to(self.device), 1 / tp.grad_accum,
+                                       autocast(self.device))
+            loss += out.loss.item() / tp.grad_accum
+            aux += out.aux.item() / tp.grad_accum if out.aux is not None else 0.0
+        loss = distributed.mean(loss, group)
+        aux = distributed.mean(aux, group) if out.aux is not None else None
+        if not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss became {loss} at step {progress.step} (lr {lr:.2e}); the last good checkpoint is "
+                f"{self.last} (step {max(self.saved_at, 0)}); lower train.lr or raise train.warmup_steps")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                         tp.grad_clip if tp.grad_clip > 0 else math.inf))
+        if math.isfinite(grad_norm):  # DDP averaged the gradients first, so every rank agrees
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
+        else:  # a finite loss with an inf/NaN gradient: clipping would spread the NaN into every weight
+            progress.skipped_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        progress.step += 1
+        progress.tokens += self.tokens_per_step
+        progress.train_losses.append(loss)
+        return StepResult(loss, aux, grad_norm, lr)
+
+    def evaluate(self, val: np.ndarray, starts: list[int], lr: float) -> dict[str, float]:
+        """Validation loss on the fixed windows; best.pt when it improved, last.pt always, and rank 0's early
+        stopping decision for every rank (a rank that stopped alone would hang the others' all-reduce)."""
+        progress, tp = self.progress, self.tp
+        vl = val_loss(self.evaluated, val, starts, tp, self.device)
+        row = {"step": progress.step, "train_loss": float(np.mean(progress.train_losses)), "val_loss": vl, "lr": lr}
+        if self.ema is not None:  # the weights being trained, beside the average that is kept: shown, not used
+            row["val_loss_raw"] = val_loss(self.model, val, starts, tp, self.device)
+        progress.history.append(row)
+        progress.train_losses = []
+        if vl < progress.best_val:
+            progress.best_val, progress.best_step, progress.bad_evals = vl, progress.step, 0
+            self.save("best.pt", with_optimizer=False)
+        else:
+            progress.bad_evals += 1
+        progress.stopped_early = distributed.broadcast(0 < tp.patience <= progress.bad_evals, self.group)
+        self.save_last()
+        return row
+
+
+def log_step(sink: MetricSink, step: int, result: StepResult, perf: dict[str, float], trainer: Trainer) -> None:
+    sink.log(step, **{"loss/train": result.loss, "opt/lr": result.lr, "opt/grad_norm": result.grad_norm,
+                      "opt/skipped_steps": trainer.progress.skipped_steps}, **perf)
+    if result.aux is not None:
+        sink.log(step, **{"loss/train_uboo": result.aux,
+                          "loss/train_ce": result.loss - trainer.model.cfg.uboo_weight * result.aux})
+
+
+def log_evaluation(sink: MetricSink, step: int, row: dict[str, float]) -> None:
+    sink.log(step, **{"loss/val": row["val_loss"]})
+    if "val_loss_raw" in row:
+        sink.log(step, **{"loss/val_raw": row["val_loss_raw"]})
+
+
 def fit(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, tp: TrainParams, budget: Budget, *,
         generator: torch.Generator, ckpt_dir: Path, extra: dict[str, Any], sink: MetricSink | None = None,
         resume: dict[str, Any] | None = None, device: torch.device = torch.device("cpu"),
@@ -153,144 +328,54 @@ def fit(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, tp: TrainPar
     Under torchrun every rank samples its own windows (its generator is seeded apart) and DDP averages
     the gradients; every rank evaluates the same fixed windows, and rank 0's decision to stop early is
     broadcast so that no rank can leave the others waiting in a collective."""
-    optimizer = torch.optim.AdamW(param_groups(model, tp.weight_decay), lr=budget.lr, betas=(tp.beta1, tp.beta2),
-                                  fused=device.type == "cuda")
-    progress = Progress()
-    ema = ema_of(model, budget.ema_decay, ramp=budget.ema_ramp) if budget.ema_decay else None
+    trainer = Trainer(model, train, tp, budget, generator, ckpt_dir, extra, device, group)
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        if ema is not None:
-            ema.load_state_dict(resume["ema"])
-        progress = Progress(**resume["progress"])
-        restore_rng(resume["rng"], device, generator, group, ckpt_dir / "last.pt")
-    wrapped = model
-    if group.world > 1:
-        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    compiled = use_compile(tp.compile, device)
-    step_fn = torch.compile(wrapped, backend=COMPILE_BACKEND) if compiled else wrapped
+        trainer.resume_from(resume)
+    progress = trainer.progress
+    wrapped, step_fn, compiled = trainer.wrap()
     starts = fixed_starts(len(val), tp.seq_len, tp.eval_windows)
-    tokens_per_step = tp.batch_size * tp.seq_len * tp.grad_accum * group.world
-    # MFU: the model's training FLOPs over what all ranks' devices could do in the same time.
-    step_flops = flops_per_token(model.cfg, count_params(model), tp.seq_len) * tokens_per_step
-    peak = peak_flops(device.type, device.index)[0] * group.world  # moves with the thread count: see flush
-
-    def save(name: str, with_optimizer: bool) -> None:
-        rng = rng_state(device, generator, group) if with_optimizer else None  # collective: every rank calls it
-        if not group.main:
-            return
-        # best.pt holds the weights that were evaluated: the EMA's when there is one
-        kept = model if ema is None or with_optimizer else ema.module
-        state = {"model": kept.state_dict(), "progress": progress.__dict__, **extra}
-        if with_optimizer:
-            state |= {"optimizer": optimizer.state_dict(), "rng": rng}
-            if ema is not None:
-                state["ema"] = ema.state_dict()
-        checkpoint.save_atomic(state, ckpt_dir / name)
+    meter = Throughput(model, tp, trainer.tokens_per_step, device, group, compiled)
 
     def flush() -> None:
-        nonlocal peak, clock
         sink.flush()  # under threads: 0 this re-divides the cores, which moves the CPU's peak
-        probe = time.perf_counter()
-        peak = peak_flops(device.type, device.index)[0] * group.world  # probed once per thread count
-        clock += time.perf_counter() - probe  # a probe is not training time
+        meter.reprobe()
 
     bar = tqdm(total=budget.steps, initial=progress.step, desc="train", unit="step", dynamic_ncols=True,
                disable=not group.main)
     stop = StopRequest.install()
-    warming_up = compiled  # the first compiled step includes the compilation: timed apart, once
-    saved_at = progress.step if resume is not None else -1  # the step that last.pt holds
-    clock = time.perf_counter()
     try:
         while True:
             # Ctrl-C, honoured between steps, at the same step on every rank: torchrun forwards it to each at
             # its own moment, and a rank leaving alone would strand the others in an all-reduce. No collective,
             # store call or file write is cut in half, and one pressed in the last step or evaluation counts.
             if distributed.any_rank(stop.requested, group):
-                if saved_at != progress.step:
-                    save("last.pt", with_optimizer=True)
-                raise Stopped(progress.step, ckpt_dir / "last.pt")
+                if trainer.saved_at != progress.step:
+                    trainer.save_last()
+                raise Stopped(progress.step, trainer.last)
             if progress.step >= budget.steps or progress.stopped_early:
                 return progress
-            lr = lr_at(progress.step, budget, min(tp.min_lr, budget.lr))
-            for param_group in optimizer.param_groups:
-                param_group["lr"] = lr
-            model.train()
-            loss_sum, aux_sum = 0.0, 0.0  # aux: UBOO's loss, logged apart from the cross-entropy
-            for micro in range(tp.grad_accum):
-                x, y = random_batch(train, tp.batch_size, tp.seq_len, generator)
-                sync = micro == tp.grad_accum - 1 or group.world == 1  # DDP all-reduces on the last micro-batch only
-                with contextlib.nullcontext() if sync else wrapped.no_sync():
-                    out = forward_backward(step_fn, x.to(device), y.to(device), 1 / tp.grad_accum, autocast(device))
-                loss_sum += out.loss.item() / tp.grad_accum
-                aux_sum += out.aux.item() / tp.grad_accum if out.aux is not None else 0.0
-            loss_sum = distributed.mean(loss_sum, group)
-            aux_sum = distributed.mean(aux_sum, group) if out.aux is not None else None
-            if not math.isfinite(loss_sum):
-                raise TrainingDiverged(
-                    f"loss became {loss_sum} at step {progress.step} (lr {lr:.2e}); the last good checkpoint is "
-                    f"{ckpt_dir / 'last.pt'} (step {max(saved_at, 0)}); "
-                    "lower train.lr or raise train.warmup_steps")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                             tp.grad_clip if tp.grad_clip > 0 else math.inf))
-            if math.isfinite(grad_norm):  # DDP averaged the gradients first, so every rank agrees
-                optimizer.step()
-                if ema is not None:
-                    ema.update_parameters(model)
-            else:  # a finite loss with an inf/NaN gradient: clipping would spread the NaN into every weight
-                progress.skipped_steps += 1
-            optimizer.zero_grad(set_to_none=True)
-            progress.step += 1
-            progress.tokens += tokens_per_step
-            progress.train_losses.append(loss_sum)
-            elapsed = time.perf_counter() - clock
-            tok_s = tokens_per_step / max(elapsed, 1e-9)
-            clock = time.perf_counter()
+            result = trainer.train_step(wrapped, step_fn)
+            perf = meter.step_done()
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}", refresh=False)
+            bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{result.lr:.1e}",
+                            tok_s=f"{perf.get('perf/tokens_per_s', 0):,.0f}", refresh=False)
             if sink is not None:
-                sink.log(progress.step, **{"loss/train": loss_sum, "opt/lr": lr, "opt/grad_norm": grad_norm,
-                                           "opt/skipped_steps": progress.skipped_steps})
-                if warming_up:  # compile time is reported once and kept out of the throughput figures
-                    sink.log(progress.step, **{"perf/compile_s": elapsed})
-                else:
-                    sink.log(progress.step, **{"perf/tokens_per_s": tok_s, "perf/mfu": step_flops / elapsed / peak})
-                if aux_sum is not None:
-                    sink.log(progress.step, **{"loss/train_uboo": aux_sum,
-                                               "loss/train_ce": loss_sum - model.cfg.uboo_weight * aux_sum})
+                log_step(sink, progress.step, result, perf, trainer)
                 if progress.step % tp.log_every == 0:
                     flush()
             if progress.step % tp.eval_every == 0 or progress.step == budget.steps:
-                vl = val_loss(model if ema is None else ema.module, val, starts, tp, device)
-                row = {"step": progress.step, "train_loss": float(np.mean(progress.train_losses)), "val_loss": vl,
-                       "lr": lr}
-                if ema is not None:  # the weights being trained, beside the average that is kept: shown, not used
-                    row["val_loss_raw"] = val_loss(model, val, starts, tp, device)
-                progress.history.append(row)
-                progress.train_losses = []
-                if vl < progress.best_val:
-                    progress.best_val, progress.best_step, progress.bad_evals = vl, progress.step, 0
-                    save("best.pt", with_optimizer=False)
-                else:
-                    progress.bad_evals += 1
-                # Rank 0's decision for all: a rank that stopped alone would hang the others' all-reduce.
-                progress.stopped_early = distributed.broadcast(0 < tp.patience <= progress.bad_evals, group)
-                save("last.pt", with_optimizer=True)
-                saved_at = progress.step
+                row = trainer.evaluate(val, starts, result.lr)
                 if group.main:
-                    bar.write(f"step {progress.step}: val loss {vl:.4f} "
+                    bar.write(f"step {progress.step}: val loss {row['val_loss']:.4f} "
                               f"(best {progress.best_val:.4f} @ {progress.best_step})")
                 if sink is not None:
-                    sink.log(progress.step, **{"loss/val": vl})
-                    if ema is not None:
-                        sink.log(progress.step, **{"loss/val_raw": row["val_loss_raw"]})
+                    log_evaluation(sink, progress.step, row)
                     flush()
-                clock = time.perf_counter()  # evaluation time is not training throughput
-            warming_up = False
+                meter.restart()  # evaluation time is not training throughput
     except RuntimeError as err:  # a rank that died (its process or machine) fails the others' next collective
         if group.world == 1 or not distributed.lost_peer(err):
             raise
-        raise RankLost(progress.step, saved_at, ckpt_dir / "last.pt") from None
+        raise RankLost(progress.step, trainer.saved_at, trainer.last) from None
     finally:  # a failure or a Ctrl-C leaves the terminal as it found it
         bar.close()
         stop.uninstall()
