@@ -27,7 +27,7 @@ import torch
 from common import ROOT, setup, train
 from mmrec.pipeline.evaluate import test_metrics
 from mmrec.model.lm import ModelConfig, build_model, count_params
-from mmrec.registry.paired import figure_interval, paired_gain
+from mmrec.paired import figure_interval, paired_gain
 from mmrec.training.schedule import budget_for
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mmrec.errors import UserError
-from mmrec.registry.paired import GATE_METRIC, DocScores, difference, doc_id, figure_interval, load, paired_gain, save
+from mmrec.paired import GATE_METRIC, DocScores, difference, doc_id, figure_interval, load, paired_gain, save
 
 
 def scores(bits, n_bytes, ids=None, whole=True, split_documents=None, metric=GATE_METRIC) -> DocScores:
@@ -70,9 +70,9 @@ def test_the_bootstrap_is_seeded_and_bounded_in_memory_whatever_the_split(monkey
     one = paired_gain(ref, cand, 0.95, 2000, seed=7)
     assert one == paired_gain(ref, cand, 0.95, 2000, seed=7)
     assert one != paired_gain(ref, cand, 0.95, 2000, seed=8)
-    import mmrec.registry.paired
+    import mmrec.paired
 
-    monkeypatch.setattr(mmrec.registry.paired, "CELLS", 1000)  # 3 resamples a block instead of all 2000 at once
+    monkeypatch.setattr(mmrec.paired, "CELLS", 1000)  # 3 resamples a block instead of all 2000 at once
     small_blocks = paired_gain(ref, cand, 0.95, 2000, seed=7)
     assert small_blocks.mean == one.mean and abs(small_blocks.low - one.low) < 0.004
 
