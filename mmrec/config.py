@@ -407,6 +407,12 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     return parse_params(raw)
 
 
+def workspace_params() -> Params:
+    """For the commands that read the store (compare, the registry): params.yaml of the current directory, else
+    the schema's defaults (run outside a checkout)."""
+    return load_params() if PARAMS_FILE.exists() else Params()
+
+
 def load_rung_params(argv: list[str], stage: str) -> tuple[Params, str]:
     """For the per-rung stages: `python stages/<stage>.py <rung>` -> (validated params, rung name)."""
     if len(argv) != 1:
