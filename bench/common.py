@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from mmrec.config import Params, load_params  # noqa: E402
 from mmrec.errors import UserError  # noqa: E402
+from mmrec.model import checkpoint  # noqa: E402
 from mmrec.model.lm import ModelConfig, build_model  # noqa: E402
 from mmrec.training.schedule import Budget  # noqa: E402
 from mmrec.data.tokenizer import load_tokens, read_header  # noqa: E402
@@ -32,10 +33,11 @@ def setup(root: Path = ROOT) -> tuple[Params, dict, object, object]:
 def train(cfg: ModelConfig, params: Params, steps: int, warmup: int, train_tokens, val_tokens,
           state: dict | None = None, eval_every: int | None = None,
           sink: MetricSink | None = None, lr: float | None = None,
-          ema_decay: float = 0.0) -> tuple[torch.nn.Module, Progress, float]:
+          ema_decay: float = 0.0, keep_best: bool = False) -> tuple[torch.nn.Module, Progress, float]:
     """The pipeline's own loop (fit) on a fresh model, or on `state` (a parent's grown weights), at peak `lr`
     (default train.lr), evaluating an EMA of the weights when `ema_decay` (ramped up on a fresh model only, as
-    the pipeline does); returns model, progress, seconds."""
+    the pipeline does); returns model, progress, seconds. The model holds the last weights trained, or with
+    `keep_best` the weights the pipeline keeps (best.pt: the best evaluation's, the EMA's when there is one)."""
     tp = params.train.model_copy(update={"eval_every": eval_every or params.train.eval_every})
     generator = seed_everything(params.seed)
     model = build_model(cfg)
@@ -46,6 +48,8 @@ def train(cfg: ModelConfig, params: Params, steps: int, warmup: int, train_token
     with tempfile.TemporaryDirectory() as ckpt:
         progress = fit(model, train_tokens, val_tokens, tp, budget,
                        generator=generator, ckpt_dir=Path(ckpt), extra={}, sink=sink)
+        if keep_best:
+            model.load_state_dict(checkpoint.load(Path(ckpt) / "best.pt")["model"])
     return model, progress, time.perf_counter() - start
 
 

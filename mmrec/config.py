@@ -230,6 +230,33 @@ class MlflowParams(Section):
     system_metrics: bool = True  # MLflow's CPU/memory/GPU sampling of every run (false: off)
 
 
+class CompareParams(Section):
+    # `python -m mmrec.tracking.compare`: the std over seeds of a config's test figure, taken for a config that ran
+    # with one seed (whose own spread is unmeasured); docs/measurements.md says where the value comes from
+    seed_std: Annotated[float, Field(ge=0, le=1)] = 0.0112
+
+
+# What cannot change a rung's trained weights nor its test figures: left out of a config's identity, so runs that
+# differ only there (or in the seed) are runs of one config. A key not named here counts, so a key added to the
+# schema splits configs rather than merging two that differ.
+NOT_THE_MODEL = (
+    "seed",  # the axis along which the runs of one config vary
+    "data.timeout_s", "data.retries", "data.max_bytes",  # how a download is fetched, never what it holds
+    "train.threads", "train.log_every", "train.checkpoint_dir",  # speed, logging, where last.pt waits
+    "train.rdzv_endpoint",  # where the nodes meet (the resume fingerprint leaves it out too)
+    "evaluate.batch_size",  # the same tokens scored, in other batches
+    "evaluate.prompts", "evaluate.sample_tokens", "evaluate.temperature", "evaluate.top_k",  # samples.txt only
+    "promote", "mlflow", "compare",  # the gate's verdict on a model, where runs are kept, how they are compared
+)
+IS_THE_MODEL = ("promote.growth_noise",)  # in the gate's section, but it changes a grown rung's weights
+# What shapes growth and the training after it: of a grown rung's config, never of one trained from scratch
+GROWTH_ONLY = ("train.growth_lr_scale", "train.rewarmup_steps", "train.growth_split", "promote.growth_noise")
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
 class Params(Section):
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 1337
     data: DataParams = DataParams()
@@ -244,6 +271,7 @@ class Params(Section):
     evaluate: EvaluateParams = EvaluateParams()
     promote: PromoteParams = PromoteParams()
     mlflow: MlflowParams = MlflowParams()
+    compare: CompareParams = CompareParams()
 
     @field_validator("ladder")
     @classmethod
@@ -295,6 +323,26 @@ class Params(Section):
         dump = self.model_dump()
         picked = {k: dump[k] for k in sections} if sections else dump
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+    def config_identity(self, rung: str) -> dict[str, Any]:
+        """What a run of `rung` is a run of, whatever its seed: dotted keys -> values of every param that can change
+        the rung's weights or its test figures. The ladder counts by this rung and its ancestors only (another
+        rung's entry trains other weights), GROWTH_ONLY for a grown rung only, and NOT_THE_MODEL is left out.
+        The code and the data's content are not in it: runs before and after an edit of either share a config
+        (their git_commit tags differ)."""
+        chain, name = {}, rung
+        while name is not None:
+            chain[name] = self.rung(name).model_dump()
+            name = self.ladder[name].parent
+        flat = flatten(self.model_dump(exclude={"ladder"}) | {"ladder": chain})
+        if len(chain) == 1:
+            flat = {k: v for k, v in flat.items() if k not in GROWTH_ONLY}
+        return {k: v for k, v in flat.items() if k in IS_THE_MODEL or not _under(k, NOT_THE_MODEL)}
+
+    def config_digest(self, rung: str) -> str:
+        """A short stable name of config_identity(rung): equal for runs of one config over any seeds."""
+        return hashlib.sha256(json.dumps(self.config_identity(rung), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _check_growth(name: str, rung: RungParams, parent_name: str, parent: RungParams) -> None:
@@ -367,6 +415,12 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
         where = f" line {mark.line + 1}" if mark else ""
         raise ParamsError(f"{path}:{where}: not valid YAML") from None
     return parse_params(raw)
+
+
+def workspace_params() -> Params:
+    """For the commands that read the store (compare, the registry): params.yaml of the current directory, else
+    the schema's defaults (run outside a checkout)."""
+    return load_params() if PARAMS_FILE.exists() else Params()
 
 
 def load_rung_params(argv: list[str], stage: str) -> tuple[Params, str]:

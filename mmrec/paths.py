@@ -15,6 +15,7 @@ METRICS = Path("metrics")
 # The gate's figure, its key in metrics/eval/<rung>.json: test bits per byte with the full context each arch
 # can use (pipeline/evaluate.py). MLflow shows it as test/bpb_context (tracking/run.py: test_metric_names).
 GATE_METRIC = "test_bpb_context"
+EVAL_ARTIFACTS = "eval"  # the folder of a rung run's MLflow artifacts that evaluate logs its score files in
 
 
 def test_metric_name(key: str) -> str:
@@ -83,6 +84,11 @@ class RungPaths:
     def doc_scores(self) -> Path:
         """The gate's figure document by document: id, scored bytes and bits of each test document."""
         return self._metrics_file("eval", ".docs.json")
+
+    @property
+    def doc_scores_artifact(self) -> str:
+        """Where evaluate logs doc_scores among the rung run's MLflow artifacts (compare reads them there)."""
+        return f"{EVAL_ARTIFACTS}/{self.doc_scores.name}"
 
     @property
     def speed(self) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmrec.registry import paired
+from mmrec import paired
 from mmrec.tracking import run as track
 from mmrec.training.cores import CoreShare
 from mmrec.data.windows import tiling_starts
@@ -18,8 +18,8 @@ from mmrec.files import dvc_fix, write_json, write_text
 from mmrec.model.inference import (DocumentTally, bits_per_byte, generate, load_model, perplexity, score, score_context,
                              text_bytes)
 from mmrec.model.lm import count_params
-from mmrec.registry.paired import GATE_METRIC, DocScores, doc_id
-from mmrec.paths import RungPaths
+from mmrec.paired import GATE_METRIC, DocScores, doc_id
+from mmrec.paths import EVAL_ARTIFACTS, RungPaths
 from mmrec.data.tokenizer import load_tokenizer, load_tokens, read_header
 
 
@@ -121,6 +121,6 @@ def evaluate_rung(params, rung: str, root: Path = Path(".")) -> dict[str, float]
         write_text(model_dir / "samples.txt", text)
         run.log(ckpt["progress"]["step"], **track.test_metric_names(metrics))
         run.log_artifact(model_dir / "samples.txt", "samples")
-        run.log_artifact(paths.doc_scores, "eval")  # the latest evaluation; a registered version keeps its own copy
+        run.log_artifact(paths.doc_scores, EVAL_ARTIFACTS)  # the latest evaluation; a registered version keeps its own copy
         run.end()
     return metrics

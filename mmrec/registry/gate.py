@@ -5,7 +5,7 @@ promotion.json and per-document scores), never "the latest MLflow run": a stage 
 cache creates no run. A rung must beat its nearest *promoted* ancestor (a rejected rung is never a
 reference), or the unigram baseline by promote.baseline_margin when no ancestor was promoted.
 
-Beating a reference is a paired test (mmrec/registry/paired.py): on the test documents both figures share, the gain
+Beating a reference is a paired test (mmrec/paired.py): on the test documents both figures share, the gain
 (reference bits per byte minus the rung's) and its bootstrap interval at promote.confidence; the rung
 passes when the interval's lower end clears promote.min_improvement. Two figures compare only when they
 are the same metric on the same test text, the whole split or exactly the same documents; a tokenizer
@@ -27,11 +27,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmrec.registry import paired
+from mmrec import paired
 from mmrec.config import Params, PromoteParams
 from mmrec.errors import UserError
 from mmrec.files import load_json, sha256_file, write_json
-from mmrec.registry.paired import GATE_METRIC, DocScores, Gain
+from mmrec.paired import GATE_METRIC, DocScores, Gain
 from mmrec.paths import RungPaths
 
 

@@ -214,21 +214,15 @@ def keep_doc_scores(client, name: str, version: str, path: Path, tags: dict[str,
 
 
 def doc_scores(client, name: str, version: str) -> dict[str, Any] | None:
-    """A version's per-document test scores as stored (see paired.DocScores), or None when it keeps none."""
-    import json
-    import tempfile
+    """A version's per-document test scores as stored (see paired.DocScores), or None when it keeps none (or they
+    are gone or damaged: it is compared as a version without them)."""
+    from mmrec.tracking.run import json_artifact
 
     model_id = client.get_model_version(name, version).tags.get("model_id")
     if not model_id:
         return None
     location = client.get_logged_model(model_id).artifact_location
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=f"{location}/{DOC_SCORES}", dst_path=tmp,
-                                                        tracking_uri=client.tracking_uri)
-            return json.loads(Path(local).read_text())
-        except (MlflowException, OSError, ValueError):  # gone or damaged: compared as a version without them
-            return None
+    return json_artifact(f"{location}/{DOC_SCORES}", client.tracking_uri)
 
 
 def set_tags(client, name: str, version: str, tags: dict[str, Any]) -> None:

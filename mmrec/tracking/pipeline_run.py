@@ -79,7 +79,20 @@ def changed_params(root: Path = Path(".")) -> dict[str, Any]:
 
 def run_label(root: Path = Path(".")) -> str:
     """What sets this run apart, in a few characters: the changed params ('lr=0.001, arch=gpt'), else the branch."""
-    changed = changed_params(root)
+    return label_of(changed_params(root))
+
+
+def config_tags(params: Params, rung: str, root: Path = Path(".")) -> dict[str, str]:
+    """The run's config (mlflow ui's "Group by" and compare group its runs by it): `config`, the digest of the
+    params it is a run of whatever its seed (Params.config_identity), and `config_label`, what sets that config
+    apart in words: run_label less the seed and what cannot change the model."""
+    identity = params.config_identity(rung)
+    changed = {k: v for k, v in changed_params(root).items() if k in identity}
+    return {"config": params.config_digest(rung), "config_label": label_of(changed)}
+
+
+def label_of(changed: dict[str, Any]) -> str:
+    """'lr=0.001, arch=gpt' for these changed params (dotted keys where two leaves share a name), else the branch."""
     if changed:
         leaves = [k.rsplit(".", 1)[-1] for k in changed]
         parts = [f"{leaf if leaves.count(leaf) == 1 else key}={_short(v)}"
@@ -129,8 +142,9 @@ def pipeline_run(params: Params, label: str, inputs: list[DatasetInput]) -> str:
 
 
 def start_rung_run(params: Params, rung: str, tags: dict[str, str], root: Path = Path(".")) -> Run:
-    """A rung's run, named '<rung> · <what sets it apart>[ · <dvc exp>]', nested under its pipeline's run,
-    with the data splits as dataset inputs and system metrics on (unless mlflow.system_metrics is false)."""
+    """A rung's run, named '<rung> · <what sets it apart>[ · <dvc exp>]', nested under its pipeline's run, tagged
+    with its config (config_tags), with the data splits as dataset inputs and system metrics on (unless
+    mlflow.system_metrics is false)."""
     from mmrec.paths import TOKENS
 
     label = run_label(root)
@@ -141,7 +155,7 @@ def start_rung_run(params: Params, rung: str, tags: dict[str, str], root: Path =
     store = Store(params.mlflow)
     with store_lock(store.uri):
         name = store.call(unique_name, store.client, store.call(experiment_id, store.client, params.mlflow), base)
-        run = Run.start(params.mlflow, name, {**tags, "mmrec.name_base": name_tag(base), "kind": "rung"},
-                        parent_id=parent_id)
+        run = Run.start(params.mlflow, name, {**tags, **config_tags(params, rung, root),
+                                              "mmrec.name_base": name_tag(base), "kind": "rung"}, parent_id=parent_id)
     run.log_inputs(inputs)
     return run

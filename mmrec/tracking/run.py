@@ -395,6 +395,19 @@ def runs_frame(uri: str, experiment: str) -> pd.DataFrame | None:
         return mlflow.search_runs([exp.experiment_id])
 
 
+def json_artifact(artifact_uri: str, tracking_uri: str) -> Any | None:
+    """An artifact that holds JSON ('runs:/<run id>/<path>', or a logged model's location + path), read; None when
+    it is missing or damaged (the callers treat those alike: figures without per-document scores)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=tmp, tracking_uri=tracking_uri)
+            return json.loads(Path(local).read_text())
+        except (MlflowException, OSError, ValueError):
+            return None
+
+
 def metric_histories(uri: str, run_ids: list[str], key: str) -> dict[str, list[tuple[int, float]]]:
     """Run id -> (step, value) of metric `key`, in step order."""
     c = MlflowClient(uri)

@@ -224,9 +224,9 @@ def experiment_id(c: MlflowClient, params: MlflowParams) -> str:
 def store_settings(tracking_uri_flag: str | None, experiment_flag: str | None) -> tuple[str, str]:
     """For the commands that read the store: (tracking URI, experiment), from their flags first, then
     params.yaml, then the schema's defaults; a local store that does not exist is an error, not created."""
-    from mmrec.config import PARAMS_FILE, load_params
+    from mmrec.config import workspace_params
 
-    mlflow_params = load_params().mlflow if PARAMS_FILE.exists() else MlflowParams()
+    mlflow_params = workspace_params().mlflow
     uri = tracking_uri_flag or tracking_uri(mlflow_params)
     store = local_store(uri)
     if store is not None and not store.exists():  # reading a missing store would create an empty one

@@ -228,3 +228,33 @@ def test_the_smallest_max_tokens_validation_allows_evaluates(tokenized):
 def test_a_rendezvous_endpoint_is_a_host_and_a_port():
     for endpoint in ["node0:29500", "10.0.0.7:29500", "[fd00::7]:29500", "gpu-3.cluster.internal:1"]:
         assert parse_params({"train": {"nnodes": 2, "rdzv_endpoint": endpoint}}).train.rdzv_endpoint == endpoint
+
+
+def test_a_configs_identity_leaves_out_the_seed_and_what_cannot_change_the_model():
+    base = Params()
+    tiny, mini = base.config_digest("tiny"), base.config_digest("mini")
+    assert len(tiny) == 12 and tiny != mini
+
+    def digests(**sections) -> tuple[str, str]:
+        p = parse_params(sections)
+        return p.config_digest("tiny"), p.config_digest("mini")
+
+    # one config over seeds, whatever the threads, logging, gate, store or comparison settings
+    assert digests(seed=7, train={"threads": 1, "log_every": 5, "checkpoint_dir": "elsewhere"},
+                   data={"retries": 9}, evaluate={"batch_size": 4, "top_k": 0},
+                   promote={"min_improvement": 0.05, "on_reject": "continue"},
+                   mlflow={"experiment": "x"}, compare={"seed_std": 0.02}) == (tiny, mini)
+    # a change the weights or the test figures follow is another config, for every rung it reaches
+    for sections in [{"train": {"lr": 0.004}}, {"model": {"dropout": 0.1}}, {"tokenizer": {"vocab_size": 4000}},
+                     {"data": {"test_fraction": 0.1}}, {"evaluate": {"max_tokens": 5000}},
+                     {"ladder": {"tiny": {"width": 64, "layers": 4},
+                                 "mini": {"width": 256, "layers": 6, "after": "models/tiny/handoff.json"}}}]:
+        t, m = digests(**sections)
+        assert t != tiny and m != mini, sections
+    # a grown rung's own entry and what shapes growth are its config alone: its parent is trained the same
+    for sections in [{"train": {"growth_lr_scale": 0.3}}, {"train": {"rewarmup_steps": 5}}, {"ladder": {"tiny": {"width": 128, "layers": 4},
+                                 "mini": {"width": 256, "layers": 6, "after": "models/tiny/handoff.json",
+                                          "max_steps": 500}}},
+                     {"promote": {"growth_noise": 0.01}}]:
+        t, m = digests(**sections)
+        assert t == tiny and m != mini, sections

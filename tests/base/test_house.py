@@ -9,7 +9,7 @@ from tests.conftest import REPO
 
 # Higher floors use lower ones, never the reverse; rooms on one floor do not use each other.
 FLOORS = [
-    {"base"},                    # config, paths, errors, files, procs, memory, sources
+    {"base"},                    # config, paths, errors, files, procs, memory, sources, paired
     {"data"},                    # corpus, tokenizer, windows
     {"model", "tracking"},       # the networks; MLflow runs and the store
     {"training", "registry"},    # the loop; the gate and the registered versions

@@ -184,7 +184,7 @@ def test_the_readme_daily_loop_does_what_it_says_when_pasted_in_order(project, t
     script.write_text("set -euo pipefail\n" + readme_block("daily-loop") + "\n")
     # Output to files, not pipes: a queue worker left behind (below) would hold a pipe open and hang the test.
     with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
-        code = subprocess.run(["bash", str(script)], cwd=root, stdout=out, stderr=err, timeout=900).returncode
+        code = subprocess.run(["bash", str(script)], cwd=root, stdout=out, stderr=err, timeout=1200).returncode
     stop_stray_workers(root)
     stdout, stderr = (tmp_path / "out.txt").read_text(), (tmp_path / "err.txt").read_text()
     assert code == 0, stdout[-3000:] + stderr[-3000:]
@@ -193,13 +193,22 @@ def test_the_readme_daily_loop_does_what_it_says_when_pasted_in_order(project, t
     assert "train.lr" not in dvc(root, "params", "diff").stdout
     shown = json.loads(dvc(root, "exp", "show", "--json").stdout)
     exps = {e["name"]: e for rev in shown for e in (rev.get("experiments") or [])}
-    assert set(exps) == {"lr-1e-3", "gpt", "lr-2e-3", "lr-3e-3"}
-    for name, lr, arch in [("lr-1e-3", 0.001, "mmrec"), ("gpt", 0.01, "gpt"), ("lr-3e-3", 0.003, "mmrec")]:
+    assert set(exps) == {"lr-1e-3", "gpt", "lr-3e-3-1", "lr-3e-3-2", "lr-3e-3-3", "base-1", "base-2"}
+    for name, lr, arch, seed in [("lr-1e-3", 0.001, "mmrec", 1337), ("gpt", 0.01, "gpt", 1337),
+                                 ("lr-3e-3-1", 0.003, "mmrec", 1337), ("lr-3e-3-3", 0.003, "mmrec", 1339),
+                                 ("base-2", 0.01, "mmrec", 1339)]:
         [rev] = exps[name]["revs"]
         data = rev["data"]
         assert float(data["params"]["params.yaml"]["data"]["train"]["lr"]) == lr  # each from the committed params
         assert data["params"]["params.yaml"]["data"]["model"]["arch"] == arch
+        assert data["params"]["params.yaml"]["data"]["seed"] == seed  # a seed sweep: one experiment a seed
         assert data["metrics"]["metrics/summary/tiny.json"]["data"]["tiny"]["bpb"] > 0
-    assert "lr-3e-3" in stdout and "gpt" in stdout  # the compare table lists the runs
+    assert "lr-3e-3-2" in stdout and "gpt" in stdout  # the compare table lists the runs
+    # then one row per config: lr 3e-3 and the committed params over three seeds each, the gain of the first
+    # over the second with an interval (seeds and documents) and the documents' alone
+    configs = stdout.split("by config:")[1].splitlines()
+    lr_row = next(line for line in configs if " lr=0.003 " in line).split()
+    assert lr_row[3:5] == ["3", "1337-1339"] and lr_row[-2].startswith("[") and lr_row[-1].startswith("[")
+    assert any(line.split()[3:5] == ["3", "1337-1339"] and " ref " in f"{line} " for line in configs)
     assert (root / "val_loss.png").stat().st_size > 1000
     assert "['In the beginning" in stdout  # the champion wrote text

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import yaml
 
-from mmrec.registry import paired
+from mmrec import paired
 from mmrec.config import PromoteParams
 from mmrec.errors import UserError
-from mmrec.registry.paired import GATE_METRIC
+from mmrec.paired import GATE_METRIC
 from mmrec.registry.gate import Figure, alias_rule, decide
 from tests.conftest import REPO, TINY_PARAMS, tiny_params
 

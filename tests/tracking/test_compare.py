@@ -84,7 +84,7 @@ def test_table_shows_only_differing_params_sorted_by_bpb(store, capsys):
     rc, table = compare(store, "--rung", "tiny")
     assert rc == 0
     assert list(table["run_id"]) == [ids["c"], ids["b"], ids["a"]]  # bpb 1.8 (val 1.3), 1.8 (val 1.4), 2.0
-    assert list(table.columns) == ["run_id", "run_name", "rung", "dvc_exp", "status", "model.arch", "train.lr",
+    assert list(table.columns) == ["run_id", "run_name", "rung", "config", "dvc_exp", "status", "model.arch", "train.lr",
                                    "test_bpb", "best_val_loss", "tokens_per_s", "n_params", "test_loss",
                                    "test_bpb_context", "gain", "gain_low", "gain_high", "gain_over"]
     assert table["gain"].tolist()[2] == 0.2 and table["gain_over"].fillna("").tolist() == ["", "", "unigram"]
@@ -182,3 +182,134 @@ def test_module_entry_point_exit_code(store):
                            "--status", "killed"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.startswith("no runs match status KILLED") and "Traceback" not in proc.stderr
+
+
+# A seed sweep: config "main" (lr 5e-3) and "lr=0.003" over seeds 1337-1339, "lr=0.001" with one seed; every run
+# with the per-document test scores evaluate logs. Each seed moves a run's whole figure, as training noise does.
+SWEEP = {"main": ({}, 1.50, [1337, 1338, 1339]), "lr=0.003": ({"lr": 0.003}, 1.49, [1337, 1338, 1339]),
+         "lr=0.001": ({"lr": 0.001}, 1.52, [1337])}
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> tuple[str, dict[str, str], dict[str, list]]:
+    """(store URI, config digest of each label, per-document scores of each label's runs, in seed order)."""
+    import numpy as np
+
+    from mmrec.config import parse_params
+    from mmrec.paired import DocScores, doc_id, save
+
+    root = tmp_path_factory.mktemp("sweep")
+    uri = f"sqlite:///{root}/mlflow.db"
+    c = MlflowClient(uri)
+    exp = c.create_experiment("mmrec", artifact_location=(root / "mlruns").as_uri())
+    rng = np.random.default_rng(0)
+    n_bytes = rng.integers(200, 2000, 40)
+    ids = tuple(doc_id(f"chapter {i}") for i in range(40))
+    digests, docs, minute = {}, {}, 0
+    for label, (train, rate, seeds) in SWEEP.items():
+        # the tag the train stage sets: one digest for every seed of a config (pipeline_run.config_tags)
+        per_seed = {parse_params({"seed": s, "train": train}).config_digest("tiny") for s in seeds}
+        assert len(per_seed) == 1
+        digests[label] = per_seed.pop()
+        docs[label] = []
+        for i, seed in enumerate(seeds):
+            bits = n_bytes * (rate + rng.normal(0, 0.01)) + rng.normal(0, 30, 40)
+            scores = DocScores("test_bpb_context", ids, n_bytes, bits, True, 40)
+            docs[label].append(scores)
+            minute += 1
+            tags = {"rung": "tiny", "config": digests[label], "config_label": label,
+                    "dvc_exp_name": f"{'main' if label == 'main' else 'lr-' + str(train['lr'])}-{i + 1}"}
+            run_id = make_run(c, exp, f"tiny · seed={seed}", minute,
+                              params={"seed": str(seed), "train.lr": str(train.get("lr", 0.005)), "n_params": "1000"},
+                              tags=tags, metrics={"test/bpb_context": scores.bpb, "test/bpb": scores.bpb + 0.01,
+                                                  "summary/best_val_loss": 3.4 + i / 100}, val_curve=[4.0])
+            save(scores, root / "tiny.docs.json")
+            c.log_artifact(run_id, str(root / "tiny.docs.json"), "eval")
+    # an earlier run of main's seed 1337 (a forced rerun followed it): the later run counts
+    make_run(c, exp, "tiny · main", 0, params={"seed": "1337", "train.lr": "0.005", "n_params": "1000"},
+             tags={"rung": "tiny", "config": digests["main"], "config_label": "main"},
+             metrics={"test/bpb_context": 9.0}, val_curve=[4.0])
+    return uri, digests, docs
+
+
+def config_rows(out: str) -> dict[str, list[str]]:
+    """The config table's rows by label: rung, config, label, n, seeds, 'mean ± std' of each figure, [gain,
+    interval, docs_only] (these labels hold no space)."""
+    rows = {}
+    for line in out.split("by config:")[1].splitlines()[2:]:
+        if not line.lstrip().startswith("tiny"):
+            break
+        words = line.split()
+        figures = [" ".join(words[i:i + 3]) for i in (5, 8, 11)]
+        rows[words[2]] = words[:5] + figures + words[14:]
+    return rows
+
+
+def test_runs_of_two_configs_over_three_seeds_are_two_rows_of_three_seeds(sweep, capsys):
+    import numpy as np
+
+    uri, digests, docs = sweep
+    assert main(["--tracking-uri", uri, "--rung", "tiny"]) == 0
+    out = capsys.readouterr().out
+    rows = config_rows(out)
+    assert list(rows) == ["lr=0.003", "main", "lr=0.001"]  # best mean gate figure first
+    for label in ("main", "lr=0.003"):
+        rung, config, _, n, seeds, gate, *_ = rows[label]
+        figures = [d.bpb for d in docs[label]]
+        assert (rung, config, n, seeds) == ("tiny", digests[label][:8], "3", "1337-1339")
+        assert gate == f"{np.mean(figures):.4f} ± {np.std(figures, ddof=1):.4f}"
+    assert rows["lr=0.001"][3:6] == ["1", "1337", f"{docs['lr=0.001'][0].bpb:.4f} ± -"]  # one seed: no std
+    assert f"config {digests['main'][:8]} (main): 1 earlier run of a seed that ran again left out" in out
+    assert "gain" not in out.split("by config:")[1].splitlines()[1]  # no reference named: no gains
+
+
+def test_between_configs_the_interval_counts_the_seeds_and_is_wider_than_the_documents_alone(sweep, capsys):
+    from mmrec.paired import config_gain, paired_gain
+
+    uri, digests, docs = sweep
+    assert main(["--tracking-uri", uri, "--against", "main"]) == 0  # by label; a DVC experiment name does too
+    out = capsys.readouterr().out
+    rows = config_rows(out)
+    assert rows["main"][-3:] == ["ref", "-", "-"]
+    gain, interval, docs_only = rows["lr=0.003"][-3:]
+    expected = config_gain(docs["main"], docs["lr=0.003"], 0.95, 10_000, 1337, 0.0112)
+    assert gain == f"{expected.mean:+.4f}"
+    assert interval == f"[{expected.low:.4f},{expected.high:.4f}]"
+    assert docs_only == f"[{expected.docs_low:.4f},{expected.docs_high:.4f}]"
+    low, high = map(float, interval.strip("[]").split(","))
+    d_low, d_high = map(float, docs_only.strip("[]").split(","))
+    assert high - low > 2 * (d_high - d_low)
+    # and wider than the gate's paired interval between any one seed of each
+    pair = paired_gain(docs["main"][0], docs["lr=0.003"][0], 0.95, 10_000, 1337)
+    assert high - low > pair.high - pair.low
+    assert "interval: its 95% interval over seeds and test documents" in out
+    assert main(["--tracking-uri", uri, "--against", "lr-0.003", "--rung", "tiny"]) == 0  # a sweep's -n NAME
+    assert config_rows(capsys.readouterr().out)["lr=0.003"][-3] == "ref"
+
+
+def test_with_one_seed_the_comparison_names_the_std_it_took(sweep, capsys):
+    uri, digests, docs = sweep
+    assert main(["--tracking-uri", uri, "--against", digests["main"][:6]]) == 0
+    out = capsys.readouterr().out
+    assert (f"seed noise is unmeasured for config {digests['lr=0.001'][:8]} (lr=0.001), of one seed: its std over "
+            "seeds is taken as compare.seed_std (params.yaml) = 0.0112") in out
+    narrow = config_rows(out)["lr=0.001"][-2]
+    assert main(["--tracking-uri", uri, "--against", "main", "--seed-std", "0.05"]) == 0
+    out = capsys.readouterr().out
+    assert "is taken as --seed-std = 0.05" in out
+    low, high = map(float, config_rows(out)["lr=0.001"][-2].strip("[]").split(","))
+    n_low, n_high = map(float, narrow.strip("[]").split(","))
+    assert high - low > 2 * 1.96 * 0.05 > n_high - n_low
+
+
+def test_against_a_name_no_config_has_is_one_line_naming_the_configs(sweep, capsys):
+    uri, digests, _ = sweep
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--tracking-uri", uri, "--against", "lr-9"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --against lr-9: no config of the selected runs")
+    assert f"{digests['main'][:8]} (main)" in err
+    with pytest.raises(SystemExit):
+        main(["--tracking-uri", uri, "--seed-std", "-1"])
+    assert "--seed-std -1.0: must be" in capsys.readouterr().err

@@ -89,6 +89,29 @@ def test_run_names_say_what_changed_and_reruns_get_a_number(workdir, monkeypatch
         assert not any(k.startswith("system/") for k in r.data.metrics)  # mlflow.system_metrics: false
 
 
+def test_runs_of_one_config_over_seeds_carry_one_config_tag_and_another_config_another(workdir, monkeypatch):
+    import yaml
+
+    from tests.conftest import tiny_params
+
+    committed = {"seed": 1337, "train": {"lr": 0.003}}
+    git_repo_with_params(workdir, monkeypatch, committed)
+    runs = {}
+    for name, edit in [("base", {}), ("seed", {"seed": 1338}), ("threads", {"seed": 1339, "train": {"lr": 0.003, "threads": 1}}),
+                       ("lr", {"seed": 1338, "train": {"lr": 0.001}})]:
+        on_disk = committed | edit  # what `dvc exp run -S` writes
+        (workdir / "params.yaml").write_text(yaml.safe_dump(on_disk))
+        monkeypatch.setenv("DVC_EXP_NAME", name)  # each its own execution, as queued experiments are
+        params = tiny_params(workdir, mlflow={"system_metrics": False}, **on_disk)
+        run = pipeline_run.start_rung_run(params, "tiny", {"rung": "tiny"}, workdir)
+        run.end()
+        runs[name] = MlflowClient(store.tracking_uri(params.mlflow)).get_run(run.id).data.tags
+    assert runs["base"]["config"] == runs["seed"]["config"] == runs["threads"]["config"] != runs["lr"]["config"]
+    assert runs["base"]["config"] == tiny_params(workdir, seed=1337, train={"lr": 0.003}).config_digest("tiny")
+    # in words: what the run's name says, less the seed and what cannot change the model
+    assert [runs[k]["config_label"] for k in runs] == ["main", "main", "main", "lr=0.001"]
+
+
 def test_splits_are_dataset_inputs_with_their_content_digest(workdir, monkeypatch):
     import hashlib
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from mmrec.errors import UserError
-from mmrec.registry.paired import GATE_METRIC, DocScores, difference, doc_id, figure_interval, load, paired_gain, save
+from mmrec.paired import (GATE_METRIC, DocScores, config_gain, difference, doc_id, figure_interval, load, paired_gain,
+                          save)
 
 
 def scores(bits, n_bytes, ids=None, whole=True, split_documents=None, metric=GATE_METRIC) -> DocScores:
@@ -70,9 +71,9 @@ def test_the_bootstrap_is_seeded_and_bounded_in_memory_whatever_the_split(monkey
     one = paired_gain(ref, cand, 0.95, 2000, seed=7)
     assert one == paired_gain(ref, cand, 0.95, 2000, seed=7)
     assert one != paired_gain(ref, cand, 0.95, 2000, seed=8)
-    import mmrec.registry.paired
+    import mmrec.paired
 
-    monkeypatch.setattr(mmrec.registry.paired, "CELLS", 1000)  # 3 resamples a block instead of all 2000 at once
+    monkeypatch.setattr(mmrec.paired, "CELLS", 1000)  # 3 resamples a block instead of all 2000 at once
     small_blocks = paired_gain(ref, cand, 0.95, 2000, seed=7)
     assert small_blocks.mean == one.mean and abs(small_blocks.low - one.low) < 0.004
 
@@ -111,3 +112,58 @@ def test_a_score_file_round_trips_and_a_damaged_one_is_one_line(tmp_path):
     (tmp_path / "bad.docs.json").write_text('{"metric": "x", "ids": ["a"], "bytes": [], "bits": []}')
     with pytest.raises(UserError, match="bad.docs.json: not a per-document score file"):
         load(tmp_path / "bad.docs.json", "evaluate@tiny")
+
+
+def seeds_of(rng: np.random.Generator, n_bytes: np.ndarray, rate: float, seeds: int, seed_std: float,
+             doc_noise: float) -> list[DocScores]:
+    """Runs of one config: each seed moves its whole figure (seed_std), each document moves a little (doc_noise)."""
+    return [scores(n_bytes * (rate + rng.normal(0, seed_std)) + rng.normal(0, doc_noise, len(n_bytes)), n_bytes)
+            for _ in range(seeds)]
+
+
+def test_a_configs_gain_counts_the_seeds_beside_the_documents():
+    rng = np.random.default_rng(0)
+    n_bytes = rng.integers(50, 500, 60)
+    ref = seeds_of(rng, n_bytes, 1.50, 3, 0.01, 5.0)
+    cand = seeds_of(rng, n_bytes, 1.48, 3, 0.01, 5.0)
+    g = config_gain(ref, cand, 0.95, 2000, seed=1, default_std=0.5)
+    assert g.mean == pytest.approx(np.mean([r.bpb for r in ref]) - np.mean([c.bpb for c in cand]))
+    assert g.measured == (True, True) and g.documents == 60  # 3 seeds a side: the default std is not used
+    assert g.seed_std == pytest.approx((np.std([r.bpb for r in ref], ddof=1), np.std([c.bpb for c in cand], ddof=1)))
+    # the documents alone: the paired bootstrap of the difference of means, as narrow as the gate's on one pair
+    one = paired_gain(ref[0], cand[0], 0.95, 2000, seed=1)
+    assert g.docs_high - g.docs_low < 1.5 * (one.high - one.low)
+    # with the seeds counted the interval is several times wider, around the same gain
+    assert g.high - g.low > 3 * (g.docs_high - g.docs_low)
+    assert g.low < g.mean < g.high and g.low < g.docs_low and g.high > g.docs_high
+
+
+def test_with_one_seed_a_side_the_default_std_stands_in_and_without_spread_the_interval_is_welchs():
+    n_bytes = np.array([120, 80, 400, 250])
+    # every document at the run's own rate: resampling documents moves no figure, only the seeds count
+    ref = [scores(n_bytes * r, n_bytes) for r in (1.50, 1.52)]
+    cand = [scores(n_bytes * r, n_bytes) for r in (1.46, 1.47, 1.45)]
+    g = config_gain(ref, cand, 0.95, 500, seed=0, default_std=0.3)
+    assert g.docs_low == pytest.approx(g.mean) and g.docs_high == pytest.approx(g.mean)
+    from scipy import stats
+
+    va, vb = np.var([1.50, 1.52], ddof=1) / 2, np.var([1.46, 1.47, 1.45], ddof=1) / 3
+    df = (va + vb) ** 2 / (va ** 2 / 1 + vb ** 2 / 2)
+    half = stats.t.ppf(0.975, df) * np.sqrt(va + vb)
+    assert g.mean == pytest.approx(1.51 - 1.46)
+    assert (g.low, g.high) == pytest.approx((g.mean - half, g.mean + half))
+    # one seed on the reference's side: its std is the default given, named as such, counted as known
+    g1 = config_gain(ref[:1], cand, 0.95, 500, seed=0, default_std=0.01)
+    assert g1.measured == (False, True) and g1.seed_std[0] == 0.01
+    v = 0.01 ** 2 + vb
+    assert g1.high - g1.mean == pytest.approx(stats.t.ppf(0.975, v ** 2 / (vb ** 2 / 2)) * np.sqrt(v))
+    # one seed on either side and a default of 0: the documents alone, read off a normal distribution
+    g0 = config_gain(ref[:1], cand[:1], 0.95, 500, seed=0, default_std=0.0)
+    assert g0.measured == (False, False) and g0.low == pytest.approx(g0.mean) == pytest.approx(0.04)
+
+
+def test_configs_whose_runs_hold_other_test_documents_do_not_compare():
+    a = scores([1.0] * 4, [1] * 4, [doc_id(t) for t in "abcd"])
+    other = scores([1.0] * 4, [1] * 4, [doc_id(t) for t in "abxy"])
+    with pytest.raises(UserError, match="do not compare: another test text: 2 of the reference's first run's 4"):
+        config_gain([a, a], [a, other], 0.95, 100, 0, 0.01)

@@ -6,7 +6,8 @@ documents scored by the same metric: the same text, whatever the tokenizer that 
 gain of a candidate over a reference is then a ratio of sums over the shared documents, reference bits per
 byte minus the candidate's, and resampling the documents with replacement gives its confidence interval:
 how much of the gain is which documents happen to be in the test split. Training noise (another seed) is
-not in it; bench/bench_seeds.py measures that.
+not in it: that is the gain of one model over another. Of one config over another (several seeds each, runs of
+`python -m mmrec.tracking.compare`), `config_gain` counts both; bench/bench_seeds.py measures the seeds' spread.
 """
 from __future__ import annotations
 
@@ -159,7 +160,19 @@ def gain_of(ref_bits: np.ndarray, ref_bytes: np.ndarray, cand_bits: np.ndarray, 
 def bootstrap(n: int, statistic: Callable[[np.ndarray], np.ndarray], confidence: float, samples: int,
               seed: int) -> tuple[float, float]:
     """Percentile interval at `confidence` of statistic(weights) over `samples` resamples of n documents with
-    replacement, drawn from `seed`; weights: one row per resample, how many times each document was drawn."""
+    replacement, drawn from `seed` (see resample)."""
+    return percentiles(resample(n, statistic, samples, seed), confidence)
+
+
+def percentiles(stats: np.ndarray, confidence: float) -> tuple[float, float]:
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(stats, [tail, 1 - tail])
+    return float(low), float(high)
+
+
+def resample(n: int, statistic: Callable[[np.ndarray], np.ndarray], samples: int, seed: int) -> np.ndarray:
+    """statistic(weights) over `samples` resamples of n documents with replacement, drawn from `seed`; weights:
+    one row per resample, how many times each document was drawn."""
     rng = np.random.default_rng(seed)
     stats = np.empty(samples)
     block = max(1, CELLS // n)
@@ -169,9 +182,7 @@ def bootstrap(n: int, statistic: Callable[[np.ndarray], np.ndarray], confidence:
         # each resample as counts per document: one bincount over the block, offset row by row
         weights = np.bincount((draws + n * np.arange(rows)[:, None]).ravel(), minlength=rows * n).reshape(rows, n)
         stats[start:start + rows] = statistic(weights.astype(float))
-    tail = (1 - confidence) / 2
-    low, high = np.quantile(stats, [tail, 1 - tail])
-    return float(low), float(high)
+    return stats
 
 
 def figure_interval(scores: DocScores, confidence: float, samples: int, seed: int) -> tuple[float, float]:
@@ -189,3 +200,66 @@ def paired_gain(ref: DocScores, cand: DocScores, confidence: float, samples: int
     cols = [ref.bits[ri], ref.bytes[ri].astype(float), cand.bits[ci], cand.bytes[ci].astype(float)]
     low, high = bootstrap(len(ri), lambda w: gain_of(*cols, weights=w), confidence, samples, seed)
     return Gain(gain_of(*cols), low, high, confidence, len(ri))
+
+
+@dataclass(frozen=True)
+class ConfigGain:
+    """The reference config's mean figure over its seeds minus the candidate's, with an interval that counts both
+    the seeds' spread and the test documents (see config_gain), and the documents' part alone beside it."""
+    mean: float
+    low: float
+    high: float
+    docs_low: float  # the paired percentile interval over the test documents alone: what the gate's would be
+    docs_high: float
+    confidence: float
+    seed_std: tuple[float, float]  # the std over seeds taken for the reference and the candidate ...
+    measured: tuple[bool, bool]  # ... measured over its own seeds (2 or more), else the default given
+    documents: int
+
+
+def config_gain(ref: list[DocScores], cand: list[DocScores], confidence: float, samples: int, seed: int,
+                default_std: float) -> ConfigGain:
+    """How much better the candidate config is than the reference, each a list of runs over other seeds.
+
+    The gain is the difference of the two mean figures. Its interval adds two variances and is read off a t
+    distribution: the seeds' (each side's std over its seeds squared over their number, Welch's; a side with one
+    seed takes `default_std`, no measurement of its own) and the test documents' (the variance of the same
+    difference over `samples` paired resamples of the documents, every run scored on each resample). Its degrees
+    of freedom are Welch-Satterthwaite's, where the documents' part and a default std count as known: with 2-3
+    seeds a side the t quantile is large, as it should be. Every run must hold the same test documents."""
+    if not ref or not cand:
+        raise UserError("a config without runs has no figure to compare")
+    runs = [*ref, *cand]
+    for other in runs[1:]:
+        if (why := difference(runs[0], other, "the reference's first run")) is not None:
+            raise UserError(f"the figures do not compare: {why}")
+    idx = [_pairs(runs[0], r)[1] for r in runs]  # every run's documents in the first run's order
+    bits = np.stack([r.bits[i] for r, i in zip(runs, idx)], axis=1)
+    n_bytes = np.stack([r.bytes[i] for r, i in zip(runs, idx)], axis=1).astype(float)
+    k = len(ref)
+
+    def gain(w: np.ndarray) -> np.ndarray:
+        figures = (w @ bits) / (w @ n_bytes)  # each run's figure on each resample
+        return figures[..., :k].mean(axis=-1) - figures[..., k:].mean(axis=-1)
+
+    figures = bits.sum(axis=0) / n_bytes.sum(axis=0)
+    mean = float(figures[:k].mean() - figures[k:].mean())
+    stats = resample(len(bits), gain, samples, seed)
+    docs_low, docs_high = percentiles(stats, confidence)
+    stds, measured, terms, welch = [], [], [], 0.0
+    for side in (figures[:k], figures[k:]):
+        own = len(side) > 1
+        std = float(side.std(ddof=1)) if own else default_std
+        stds.append(std)
+        measured.append(own)
+        terms.append(std ** 2 / len(side))
+        if own:
+            welch += terms[-1] ** 2 / (len(side) - 1)
+    total = sum(terms) + float(stats.var(ddof=1))
+    from scipy import stats as dist  # a second's import, only when configs are compared
+
+    tail = (1 - confidence) / 2
+    q = float(dist.t.ppf(1 - tail, total ** 2 / welch) if welch > 0 else dist.norm.ppf(1 - tail))
+    half = q * total ** 0.5
+    return ConfigGain(mean, mean - half, mean + half, docs_low, docs_high, confidence, (stds[0], stds[1]),
+                      (measured[0], measured[1]), len(bits))
