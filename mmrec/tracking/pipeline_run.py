@@ -22,7 +22,7 @@ from mlflow.entities import DatasetInput
 from mmrec.config import PARAMS_FILE, Params, flatten
 from mmrec.procs import identity, owner
 from mmrec.tracking.store import Store, experiment_id
-from mmrec.tracking.run import OWNER_TAG, Run, context_tags, git, git_commit, split_datasets
+from mmrec.tracking.run import OWNER_TAG, PARENT_TAG, Run, context_tags, git, git_commit, split_datasets
 
 
 def dvc_process() -> int | None:
@@ -129,8 +129,39 @@ def pipeline_run(params: Params, label: str, inputs: list[DatasetInput]) -> str:
         run = store.call(c.create_run, exp_id, run_name=store.call(unique_name, c, exp_id, base), tags=tags)
     parent = Run(store, run.info.run_id)
     parent.log_params(params.flat())
-    parent.log_inputs(inputs)
+    if inputs:
+        parent.log_inputs(inputs)
     return parent.id
+
+
+REPORT_FOLDER = "report"  # the report's folder among the pipeline run's artifacts
+
+
+def log_report(params: Params, page: Path, pictures: list[Path]) -> str:
+    """Log a markdown page and the pictures it shows as artifacts of this execution's pipeline run (in
+    REPORT_FOLDER), and return the run's id. MLflow's artifact view renders markdown but resolves a relative image
+    link against its own page: in the logged copy each picture's link names the server's get-artifact route
+    instead, which the view resolves against the server it is served from. A pipeline run that this stage opened
+    itself (no rung ran in this execution: DVC restored them all) ends here, as a rung's end would end it."""
+    from urllib.parse import quote
+
+    parent_id = pipeline_run(params, run_label(), [])
+    store = Store(params.mlflow)
+    text = page.read_text(encoding="utf-8")
+    for picture in pictures:
+        served = f"get-artifact?path={quote(f'{REPORT_FOLDER}/{picture.name}', safe='')}&run_uuid={parent_id}"
+        text = text.replace(f"]({picture.name})", f"]({served})")
+    with tempfile.TemporaryDirectory() as tmp:
+        logged = Path(tmp) / page.name
+        logged.write_text(text, encoding="utf-8")
+        for path in [logged, *pictures]:
+            store.call(store.client.log_artifact, parent_id, str(path), REPORT_FOLDER)
+    c = store.client
+    children = store.call(c.search_runs, [store.call(experiment_id, c, params.mlflow)],
+                          filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=1)
+    if not children:
+        store.call(c.set_terminated, parent_id, "FINISHED")
+    return parent_id
 
 
 def start_rung_run(params: Params, rung: str, tags: dict[str, str], root: Path = Path(".")) -> Run:
