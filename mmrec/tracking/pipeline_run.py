@@ -135,22 +135,26 @@ def pipeline_run(params: Params, label: str, inputs: list[DatasetInput]) -> str:
 
 
 REPORT_FOLDER = "report"  # the report's folder among the pipeline run's artifacts
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store unless told otherwise
 
 
 def log_report(params: Params, page: Path, pictures: list[Path]) -> str:
     """Log a markdown page and the pictures it shows as artifacts of this execution's pipeline run (in
-    REPORT_FOLDER), and return the run's id. MLflow's artifact view renders markdown but resolves a relative image
-    link against its own page: in the logged copy each picture's link names the server's get-artifact route
-    instead, which the view resolves against the server it is served from. A pipeline run that this stage opened
-    itself (no rung ran in this execution: DVC restored them all) ends here, as a rung's end would end it."""
+    REPORT_FOLDER), and return the run's id. MLflow's artifact view renders markdown, but an image only from an
+    absolute http(s) URL (a relative one it shows as text): in the logged copy each picture is the server's
+    get-artifact route, under the tracking server's URL (for a local store, `mlflow ui`'s default address),
+    followed by a relative link to the same route, which opens it from whichever address serves the page.
+    A pipeline run that this stage opened itself (no rung ran in this execution: DVC restored them all) ends
+    here, as a rung's end would end it."""
     from urllib.parse import quote
 
     parent_id = pipeline_run(params, run_label(), [])
     store = Store(params.mlflow)
+    base = store.uri.rstrip("/") if store.uri.startswith(("http://", "https://")) else LOCAL_UI
     text = page.read_text(encoding="utf-8")
     for picture in pictures:
-        served = f"get-artifact?path={quote(f'{REPORT_FOLDER}/{picture.name}', safe='')}&run_uuid={parent_id}"
-        text = text.replace(f"]({picture.name})", f"]({served})")
+        route = f"get-artifact?path={quote(f'{REPORT_FOLDER}/{picture.name}', safe='')}&run_uuid={parent_id}"
+        text = text.replace(f"]({picture.name})", f"]({base}/{route})\n\n[{picture.name}]({route})")
     with tempfile.TemporaryDirectory() as tmp:
         logged = Path(tmp) / page.name
         logged.write_text(text, encoding="utf-8")
