@@ -48,7 +48,8 @@ def save_export(model: torch.nn.Module, meta: dict[str, Any], folder: Path) -> N
 
     from safetensors.torch import save_model
 
-    save_model(model, str(folder / EXPORT_WEIGHTS))
+    with replacing(folder / EXPORT_WEIGHTS) as tmp:  # which gives it the usual mode: safetensors writes it private
+        save_model(model, str(tmp))
     (folder / EXPORT_CONFIG).write_text(json.dumps({"format": EXPORT_FORMAT, "format_version": 1, **meta}, indent=2,
                                                    sort_keys=True) + "\n")
 

@@ -160,14 +160,15 @@ def model_card(model: torch.nn.Module, ckpt: dict[str, Any], meta: dict[str, Any
     gate = test.get(GATE_METRIC, tags.get("test_bpb"))
     figures = [("test bits per byte, full context (the gate's figure)", _fmt(gate)),
                ("test bits per byte, seq_len windows", _fmt(test.get("test_bpb"))),
-               ("test documents", test.get("test_documents", tags.get("test_documents", "-"))),
+               ("test documents", _int(test.get("test_documents", tags.get("test_documents")))),
                ("unigram baseline, bits per byte", _fmt(test.get("unigram_bpb"))),
                ("best validation loss (nats / token)", _fmt(progress.get("best_val"))),
-               ("steps, tokens trained", f"{progress.get('step', '-')}, {progress.get('tokens', '-')}")]
+               ("steps, tokens trained", f"{_int(progress.get('step'))}, {_int(progress.get('tokens'))}")]
     if tags.get("gain"):
         interval = f" [{_fmt(tags.get('gain_low'))}, {_fmt(tags.get('gain_high'))}]" if tags.get("gain_low") else ""
-        figures.append((f"gain over {tags.get('gain_over', '-')} (bits per byte, {tags.get('confidence', '')} "
-                        "interval)", f"{_fmt(tags['gain'])}{interval}"))
+        confidence = f"{float(tags['confidence']):.0%} interval" if tags.get("confidence") else "no interval"
+        figures.append((f"gain over {tags.get('gain_over', '-')} (bits per byte, {confidence})",
+                        f"{_fmt(tags['gain'])}{interval}"))
     data_sha = inputs.get("data") or tags.get("data_sha256", "")
     data = [("source", origin["source_params"].get("data.source", "- (not recorded in a checkpoint file)")),
             ("token files sha256 (data_sha256)", data_sha or "-"),
@@ -198,7 +199,8 @@ def model_card(model: torch.nn.Module, ckpt: dict[str, Any], meta: dict[str, Any
             (CARD, "this card")]),
         "## Use\n",
         "```python\nfrom mmrec.data.tokenizer import load_tokenizer\nfrom mmrec.model.inference import generate, "
-        "load_model\n\nmodel, config = load_model(\"DIR\")\nsp = load_tokenizer(\"DIR/tokenizer.model\")\n"
+        "load_model\n\nmodel, config = load_model(\"path/to/this/folder\")\n"
+        "sp = load_tokenizer(\"path/to/this/folder/tokenizer.model\")\n"
         "ids = sp.encode(\"In the beginning\")\n"
         "print(sp.decode(ids + generate(model, ids, 40, temperature=0.8, top_k=50, eos_id=sp.eos_id())))\n```\n",
         "The model code is the mmrec package (mmrec/model/lm.py); the weights' names are its state_dict's. "
@@ -223,6 +225,13 @@ def model_card(model: torch.nn.Module, ckpt: dict[str, Any], meta: dict[str, Any
         "- Its license is that of its training text and of the mmrec code; check both before passing it on.\n",
         "## Provenance\n",
         "| | |\n| --- | --- |\n" + _rows(provenance)])
+
+
+def _int(value: Any) -> str:
+    try:
+        return f"{int(float(value)):,}"
+    except (TypeError, ValueError):
+        return "-"
 
 
 def _fmt(value: Any) -> str:

@@ -99,7 +99,9 @@ def test_a_checkpoint_file_exports_with_its_figures_and_a_bad_folder_is_one_line
     assert same_logits(model, load_model(paths.best)[0]) and config["rung"] == "tiny"
     card = (out / "README.md").read_text()
     assert "| test bits per byte, full context (the gate's figure) | 0.8765 |" in card
-    assert "| best validation loss (nats / token) | 1.2345 |" in card
+    assert "| best validation loss (nats / token) | 1.2345 |" in card and "| test documents | 11 |" in card
+    assert "| steps, tokens trained | 40, 10,240 |" in card
+    assert len({(out / f).stat().st_mode for f in FILES}) == 1  # the weights as readable as the rest
     assert f"| token files sha256 (data_sha256) | {'d' * 64} |" in card
     assert "| train.lr | 0.01 |" in card and "train.threads" not in card
 
