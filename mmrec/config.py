@@ -175,8 +175,9 @@ class TrainParams(Section):
         # would be gone just when a killed run needs it (a rung's model folder is models/<rung>)
         top = Path(v).parts[:1]
         if top and not Path(v).is_absolute() and Path(*top) in OUTPUT_ROOTS:
+            roots = ", ".join(f"{r}/" for r in OUTPUT_ROOTS)
             raise ValueError(f"puts last.pt under {top[0]}/, where DVC keeps (and deletes) stage outputs; use a "
-                             "folder outside data/, models/ and metrics/ (default: checkpoints)")
+                             f"folder outside {roots} (default: checkpoints)")
         return v
 
     @field_validator("rdzv_endpoint")

@@ -12,6 +12,8 @@ PREPARED = Path("data/prepared")
 TOKENS = Path("data/tokens")
 TOKENIZER = Path("models/tokenizer")
 METRICS = Path("metrics")
+REPORTS = Path("reports")  # the report stage's page and its pictures (pipeline/report.py)
+REPORT = REPORTS / "report.md"
 # The gate's figure, its key in metrics/eval/<rung>.json: test bits per byte with the full context each arch
 # can use (pipeline/evaluate.py). MLflow shows it as test/bpb_context (tracking/run.py: test_metric_names).
 GATE_METRIC = "test_bpb_context"
@@ -25,11 +27,11 @@ def test_metric_name(key: str) -> str:
 
 
 GATE_METRIC_NAME = test_metric_name(GATE_METRIC)
-OUTPUT_ROOTS = (DATA, MODELS, METRICS)  # the folders DVC writes (and deletes) outputs in
+OUTPUT_ROOTS = (DATA, MODELS, METRICS, REPORTS)  # the folders DVC writes (and deletes) outputs in
 # What the stages that run once per pipeline write, as their outs in dvc.yaml (tests/base/test_config.py checks
 # the two agree): a rung's files must never land on these (see `taken_by`).
 SHARED_OUTS = (PARAMS_OK, PREPARED, METRICS / "download.json", METRICS / "speed" / "download.json",
-               TOKENIZER, TOKENS, METRICS / "tokenizer.json", METRICS / "speed" / "tokenizer.json")
+               TOKENIZER, TOKENS, METRICS / "tokenizer.json", METRICS / "speed" / "tokenizer.json", REPORTS)
 
 
 @dataclass

@@ -180,16 +180,25 @@ def generate(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int,
 
 
 def load_model(path: str | Path, fix: str = "") -> tuple[torch.nn.Module, dict]:
-    """A model from a best.pt checkpoint (weights only), in eval mode, and the checkpoint dict."""
+    """A model in eval mode and what it was saved with: from a best.pt checkpoint (weights only) and its dict, or
+    from the folder of an export (safetensors, `python -m mmrec.registry export`) and its config.json."""
     path = Path(path)
-    ckpt = checkpoint.load(path, fix or "retrain it", keys=("model", "config"))
+    if path.is_dir():
+        fix = fix or "export it again"
+        saved = checkpoint.read_export(path, fix)
+    else:
+        fix = fix or "retrain it"
+        saved = checkpoint.load(path, fix, keys=("model", "config"))
     try:
-        model = build_model(ModelConfig.from_dict(ckpt["config"]))
-        model.load_state_dict(ckpt["model"])
+        model = build_model(ModelConfig.from_dict(saved["config"]))
+        if path.is_dir():
+            checkpoint.load_export_weights(model, path, fix)
+        else:
+            model.load_state_dict(saved["model"])
     except (RuntimeError, TypeError, KeyError) as err:  # shapes or names that do not fit the config
-        raise UserError(f"checkpoint {path}: its weights do not fit its config ({type(err).__name__}); "
-                        f"{fix or 'retrain it'}") from None
-    return model.eval(), ckpt
+        raise UserError(f"{'export' if path.is_dir() else 'checkpoint'} {path}: its weights do not fit its config "
+                        f"({type(err).__name__}); {fix}") from None
+    return model.eval(), saved
 
 
 def text_bytes(sp, ids: np.ndarray, eos_id: int) -> int:

@@ -1,6 +1,7 @@
 """A trained rung's outputs: best.pt, run.json, metrics, curves and the loss plot (DVC), and its MLflow artifacts."""
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -56,10 +57,14 @@ def per_step(run: Any, key: str) -> list[tuple[int, float]]:
 
 
 def run_speed(run: Any) -> dict[str, float]:
-    """Median training throughput and MFU, from the run's own history (kept out of the bit-reproducible metrics)."""
+    """Median training throughput and MFU, from the run's own history, and the rung's wall time: seconds from its
+    run's start to now (a resumed rung keeps its run, so the pause between attempts counts too). Kept out of the
+    bit-reproducible metrics."""
     run.flush()
     medians = {}
     for name, key in [("tokens_per_s", "perf/tokens_per_s"), ("mfu", "perf/mfu")]:
         values = [v for _, v in run.metric_history(key)]
         medians[name] = float(np.median(values)) if values else 0.0
+    started_ms = run.store.call(run.client.get_run, run.id).info.start_time
+    medians["seconds"] = round(time.time() - started_ms / 1000, 1)
     return medians

@@ -3,6 +3,7 @@
     python -m mmrec.registry list                                   # every version side by side
     python -m mmrec.registry set-champion 3 --reason "v4 repeats itself"
     python -m mmrec.registry rollback --reason "undo"               # champion back to the one it replaced
+    python -m mmrec.registry export champion out/                   # safetensors, config, tokenizer, card (export.py)
 
 A version stores best.pt, the tokenizer and the few mmrec modules the model imports, once: the pyfunc
 wrapper holds no weights and reads them in load_context through the weights-only loader.
@@ -256,7 +257,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = _Parser(prog="python -m mmrec.registry", description="The model registry: list versions, move champion.")
+    p = _Parser(prog="python -m mmrec.registry", description="The model registry: list, move champion, export.")
     p.add_argument("--model", help="registered model (default: params.yaml promote.registered_model)")
     p.add_argument("--tracking-uri", help="MLflow store (default: params.yaml mlflow.tracking_uri / MLFLOW_TRACKING_URI)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -268,6 +269,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     r = sub.add_parser("rollback", help="point champion back at the version it replaced (or --to VERSION)")
     r.add_argument("--to", dest="version", help="this version instead")
     r.add_argument("--reason", required=True, help="why: kept as a tag on the version")
+    e = sub.add_parser("export", help="a version as safetensors, config.json, tokenizer and model card in DIR")
+    e.add_argument("source", help="an alias (champion), a version number, or a checkpoint file (models/mini/best.pt)")
+    e.add_argument("dir", type=Path, help="the folder to write: new, empty, or an earlier export (replaced)")
     return p.parse_args(argv)
 
 
@@ -313,9 +317,18 @@ def main(argv: list[str] | None = None) -> int:
     from mmrec.config import PARAMS_FILE, load_params
     from mmrec.tracking.store import store_settings
 
+    if args.command == "export":  # export.py; a checkpoint file needs no store, an alias or a version opens it below
+        from mmrec.registry.export import export, is_checkpoint_path
+
+        if is_checkpoint_path(args.source):
+            print(export(None, "", args.source, args.dir))
+            return 0
     uri, _ = store_settings(args.tracking_uri, None)
     name = args.model or (load_params().promote.registered_model if PARAMS_FILE.exists() else "mmrec")
     client = MlflowClient(uri, uri)
+    if args.command == "export":  # before the versions check, whose line says less
+        print(export(client, name, args.source, args.dir))
+        return 0
     known = versions(client, name)
     if not known:
         raise UserError(f"no versions of registered model {name!r} in {uri}; promote a rung first (dvc repro)")

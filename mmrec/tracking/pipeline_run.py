@@ -22,7 +22,7 @@ from mlflow.entities import DatasetInput
 from mmrec.config import PARAMS_FILE, Params, flat_params_text
 from mmrec.procs import identity, owner
 from mmrec.tracking.store import Store, experiment_id
-from mmrec.tracking.run import OWNER_TAG, Run, context_tags, git, git_commit, split_datasets
+from mmrec.tracking.run import OWNER_TAG, PARENT_TAG, Run, context_tags, git, git_commit, split_datasets
 
 
 def dvc_process() -> int | None:
@@ -137,8 +137,43 @@ def pipeline_run(params: Params, label: str, inputs: list[DatasetInput]) -> str:
         run = store.call(c.create_run, exp_id, run_name=store.call(unique_name, c, exp_id, base), tags=tags)
     parent = Run(store, run.info.run_id)
     parent.log_params(params.flat())
-    parent.log_inputs(inputs)
+    if inputs:
+        parent.log_inputs(inputs)
     return parent.id
+
+
+REPORT_FOLDER = "report"  # the report's folder among the pipeline run's artifacts
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store unless told otherwise
+
+
+def log_report(params: Params, page: Path, pictures: list[Path]) -> str:
+    """Log a markdown page and the pictures it shows as artifacts of this execution's pipeline run (in
+    REPORT_FOLDER), and return the run's id. MLflow's artifact view renders markdown, but an image only from an
+    absolute http(s) URL (a relative one it shows as text): in the logged copy each picture is the server's
+    get-artifact route, under the tracking server's URL (for a local store, `mlflow ui`'s default address),
+    followed by a relative link to the same route, which opens it from whichever address serves the page.
+    A pipeline run that this stage opened itself (no rung ran in this execution: DVC restored them all) ends
+    here, as a rung's end would end it."""
+    from urllib.parse import quote
+
+    parent_id = pipeline_run(params, run_label(), [])
+    store = Store(params.mlflow)
+    base = store.uri.rstrip("/") if store.uri.startswith(("http://", "https://")) else LOCAL_UI
+    text = page.read_text(encoding="utf-8")
+    for picture in pictures:
+        route = f"get-artifact?path={quote(f'{REPORT_FOLDER}/{picture.name}', safe='')}&run_uuid={parent_id}"
+        text = text.replace(f"]({picture.name})", f"]({base}/{route})\n\n[{picture.name}]({route})")
+    with tempfile.TemporaryDirectory() as tmp:
+        logged = Path(tmp) / page.name
+        logged.write_text(text, encoding="utf-8")
+        for path in [logged, *pictures]:
+            store.call(store.client.log_artifact, parent_id, str(path), REPORT_FOLDER)
+    c = store.client
+    children = store.call(c.search_runs, [store.call(experiment_id, c, params.mlflow)],
+                          filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=1)
+    if not children:
+        store.call(c.set_terminated, parent_id, "FINISHED")
+    return parent_id
 
 
 def start_rung_run(params: Params, rung: str, tags: dict[str, str], root: Path = Path(".")) -> Run:

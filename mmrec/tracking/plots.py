@@ -1,4 +1,5 @@
-"""Pictures people would rather look at than read: loss and learning-rate curves."""
+"""Pictures people would rather look at than read: loss and learning-rate curves, and the report's two (the
+ladder's losses with its growth points, test bits per byte beside the baselines)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -42,4 +43,48 @@ def overlay(curves: dict[str, list[tuple[int, float]]], path: str | Path, ylabel
     ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path)
+    plt.close(fig)
+
+
+def ladder_curves(rungs: list[dict], path: str | Path) -> None:
+    """Every rung's losses on one axis of tokens trained, a grown rung starting where its parent's best checkpoint
+    left off, with the growth point marked. Each rung: name, offset (tokens before its first step), tokens_per_step,
+    train and val [(step, loss)], parent (None for a rung trained from scratch)."""
+    fig, ax = plt.subplots(figsize=(9, 4.8), dpi=110)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, r in enumerate(rungs):
+        color = colors[i % len(colors)]
+        x = lambda points: [(r["offset"] + s * r["tokens_per_step"]) / 1e6 for s, _ in points]  # noqa: E731
+        ax.plot(x(r["train"]), [v for _, v in r["train"]], color=color, linewidth=0.6, alpha=0.35)
+        ax.plot(x(r["val"]), [v for _, v in r["val"]], color=color, marker="o", markersize=3, linewidth=1.8,
+                label=f"{r['name']} val (train faint)")
+        if r["parent"]:
+            ax.axvline(r["offset"] / 1e6, color=color, linestyle="--", linewidth=1)
+            ax.annotate(f"{r['parent']} → {r['name']}", (r["offset"] / 1e6, 1), xycoords=("data", "axes fraction"),
+                        xytext=(3, -12), textcoords="offset points", fontsize="small", color=color)
+    ax.set_xlabel("tokens trained, the parent's included (millions)")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_title("Every rung of the ladder; dashed: a rung grown from its parent's best checkpoint", fontsize="medium")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+
+
+def bpb_bars(bars: list[tuple[str, float, bool]], path: str | Path) -> None:
+    """Test bits per byte as horizontal bars, lower is better: (label, value, is_baseline), in the order given."""
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(bars) + 1.2), dpi=110)
+    labels, values = [b[0] for b in bars], [b[1] for b in bars]
+    colors = ["#b0b0b0" if baseline else "#1f77b4" for _, _, baseline in bars]
+    ax.barh(range(len(bars)), values, color=colors)
+    for i, v in enumerate(values):
+        ax.annotate(f"{v:.4f}", (v, i), xytext=(3, 0), textcoords="offset points", va="center", fontsize="small")
+    ax.set_yticks(range(len(bars)), labels)
+    ax.invert_yaxis()  # the first bar on top
+    ax.set_xlim(0, max(values) * 1.15)
+    ax.set_xlabel("bits per test byte (lower is better); grey: baselines")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
     plt.close(fig)

@@ -90,9 +90,10 @@ def test_a_bad_params_yaml_deletes_nothing_and_a_gate_setting_retrains_no_rung(p
     assert not set(ran(dvc(root, "repro").stdout)) - {"validate"}
     assert outputs(root) == before
 
-    # a gate threshold reruns the gates, never a training: the child depends on the parent's handoff only
+    # a gate threshold reruns the gates (and the report of their decisions), never a training: the child depends on
+    # the parent's handoff only
     edit_params(root, lambda p: p["promote"].update(min_improvement=0.001))
-    assert ran(dvc(root, "repro").stdout) == ["validate", "promote@tiny", "promote@mini"]
+    assert ran(dvc(root, "repro").stdout) == ["validate", "promote@tiny", "promote@mini", "report"]
     assert (root / "models/mini/best.pt").read_bytes() == before["models/mini/best.pt"]
     assert json.loads((root / "models/mini/promotion.json").read_text())["threshold_bpb"] != \
         json.loads(before["models/mini/promotion.json"])["threshold_bpb"]

@@ -45,13 +45,19 @@ def test_whole_ladder_trains_grows_promotes_under_one_pipeline_run_and_a_rerun_d
     (tmp_path / "clock/sitecustomize.py").write_text(CLOCK_STEP)
     out = run(["dvc", "repro"], root, env={**os.environ, "PYTHONPATH": str(tmp_path / "clock")})
     assert ran(out.stdout) == ["validate", "download", "tokenizer", "train@tiny", "evaluate@tiny", "promote@tiny",
-                               "train@mini", "evaluate@mini", "promote@mini"]
+                               "train@mini", "evaluate@mini", "promote@mini", "report"]
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     tiny_run = json.loads((root / "models/tiny/run.json").read_text())["run_id"]
     mini_run = client.get_run(json.loads((root / "models/mini/run.json").read_text())["run_id"])
     pipeline = client.get_run(mini_run.data.tags["mlflow.parentRunId"])  # one per `dvc repro`, the clock step or not
     assert client.get_run(tiny_run).data.tags["mlflow.parentRunId"] == pipeline.info.run_id
     assert pipeline.data.tags["rungs"] == "mini, tiny" and pipeline.info.status == "FINISHED"
+    # the report: the run's figures on one page, also under the pipeline's run (tests/pipeline/test_report.py)
+    page = (root / "reports/report.md").read_text()
+    mini_bpb = json.loads((root / "metrics/eval/mini.json").read_text())["test_bpb_context"]
+    assert f"**mini** reaches **{mini_bpb:.4f}** bits per test byte" in page and "| mini | tiny |" in page
+    assert {a.path for a in client.list_artifacts(pipeline.info.run_id, "report")} == {
+        "report/report.md", "report/loss_curves.png", "report/test_bpb.png"}
 
     assert ran(dvc(root, "repro").stdout) == ["validate"]  # it always runs (and cleans up): nothing else does
     assert dvc(root, "status").stdout.split() == ["validate:", "always", "changed"]

@@ -247,6 +247,8 @@ def test_train_rung_logs_params_metrics_and_artifacts_to_mlflow(workdir):
 
     speed = json.loads((workdir / "metrics/speed/tiny.json").read_text())
     assert speed["tokens_per_s"] > 0 and 0 < speed["mfu"] < 1
+    started = run.info.start_time / 1000  # the wall time: from the run's start to the outputs
+    assert 0 < speed["seconds"] <= round(time.time() - started, 1) + 0.1
     saved = json.loads((workdir / "metrics/train/tiny.json").read_text())
     assert saved["best_val_loss"] == metrics["best_val_loss"] and saved["n_params"] > 0
     train_rows = (workdir / "metrics/curves/train/tiny.csv").read_text().splitlines()
