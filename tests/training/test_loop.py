@@ -246,7 +246,7 @@ def test_train_rung_logs_params_metrics_and_artifacts_to_mlflow(workdir):
     assert artifacts == {"plots/tiny.png", "tokenizer/spm.model", "checkpoint/best.pt"}
 
     speed = json.loads((workdir / "metrics/speed/tiny.json").read_text())
-    assert speed["tokens_per_s"] > 0 and 0 < speed["mfu"] < 1
+    assert speed["tokens_per_s"] > 0 and 0 < speed["mfu"] < 1 and 50 < speed["peak_rss_mb"] < 4000
     saved = json.loads((workdir / "metrics/train/tiny.json").read_text())
     assert saved["best_val_loss"] == metrics["best_val_loss"] and saved["n_params"] > 0
     train_rows = (workdir / "metrics/curves/train/tiny.csv").read_text().splitlines()
