@@ -63,7 +63,7 @@ def main() -> None:
         model, progress, secs = train(cfg, seeded, steps, min(b.warmup, steps), train_tokens, val_tokens,
                                       eval_every=steps, lr=b.lr)
         start = time.perf_counter()
-        metrics, docs = test_metrics(model.eval(), seeded, ROOT)
+        metrics, docs, _ = test_metrics(model.eval(), seeded, ROOT)
         low, high = figure_interval(docs, p.confidence, p.bootstrap_samples, params.seed)
         rows.append({"seed": seed, "bpb": metrics["test_bpb_context"], "low": low, "high": high,
                      "val": progress.best_val, "train_s": secs, "eval_s": time.perf_counter() - start})

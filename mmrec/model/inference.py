@@ -23,6 +23,7 @@ class Scores:
     tokens: int = 0
     top1: int = 0
     top5: int = 0
+    inputs: int = 0  # tokens fed to the model: a sliding window reads more than it scores
 
     @property
     def loss(self) -> float:
@@ -34,6 +35,7 @@ class Scores:
         self.tokens += other.tokens
         self.top1 += other.top1
         self.top5 += other.top5
+        self.inputs += other.inputs
 
 
 def bits_per_byte(nll_sum: float, n_bytes: int) -> float:
@@ -107,6 +109,7 @@ def score(model: torch.nn.Module, tokens: np.ndarray, windows: list[tuple[int, .
             y = torch.stack([p[1] for p in pairs]).to(device)
             positions = torch.tensor(batch)[:, None] + torch.arange(1 + skip, length + 1)
             scored = _scores(model(x).logits[:, skip:], y[:, skip:], positions, tally, ranks)
+            scored.inputs = x.numel()
             total.add(scored)
             if advance is not None:
                 advance(scored.tokens)
@@ -140,7 +143,9 @@ def score_carried(model: torch.nn.Module, tokens: np.ndarray, window_len: int, d
         x, y = window(tokens, start, length)
         out = model(x[None].to(device), state=state)
         state = out.state
-        total.add(_scores(out.logits, y[None].to(device), torch.arange(start + 1, start + length + 1), tally, ranks))
+        scored = _scores(out.logits, y[None].to(device), torch.arange(start + 1, start + length + 1), tally, ranks)
+        scored.inputs = length
+        total.add(scored)
         if advance is not None:
             advance(length)
     model.train(was_training)

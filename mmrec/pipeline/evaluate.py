@@ -66,12 +66,13 @@ def document_scores(sp, tokens: np.ndarray, tally: DocumentTally, metric: str, w
 
 def test_metrics(model: torch.nn.Module, params, root: Path = Path("."),
                  device: torch.device = torch.device("cpu"), progress: bool = False,
-                 cores: CoreShare | None = None) -> tuple[dict[str, float], DocScores]:
+                 cores: CoreShare | None = None) -> tuple[dict[str, float], DocScores, int]:
     """Every test token scored once, two ways. test_*: windows of seq_len tokens, each from an empty state or
     context (both archs see exactly the same history, 128 tokens on average). test_*_context: the whole stream
     with all the context the arch can use (MM-Rec carries its state through it, GPT slides its window by half);
     the gate's number (GATE_METRIC), also kept document by document. Plus perplexity, top-1/top-5 and
-    the unigram baseline. A bar counts the targets of both passes; `cores` is re-checked as they go."""
+    the unigram baseline; and the tokens both passes fed the model. A bar counts the targets of both passes;
+    `cores` is re-checked as they go."""
     paths = RungPaths(root, "")
     tokens_dir = paths.tokens
     header = read_header(tokens_dir)
@@ -102,7 +103,7 @@ def test_metrics(model: torch.nn.Module, params, root: Path = Path("."),
             "test_top1": s.top1 / s.tokens, "test_top5": s.top5 / s.tokens, "test_tokens_scored": s.tokens,
             "test_bytes_scored": n_bytes, "test_documents": len(docs.ids), "unigram_loss": uni / s.tokens,
             "unigram_bpb": bits_per_byte(uni, n_bytes), "test_loss_context": c.loss,
-            "test_bpb_context": bits_per_byte(c.nll_sum, n_bytes)}, docs
+            "test_bpb_context": bits_per_byte(c.nll_sum, n_bytes)}, docs, s.inputs + c.inputs
 
 
 def summary(rung: str, test_bpb: float, best_val_loss: float, n_params: int) -> dict[str, dict[str, float]]:
@@ -125,10 +126,13 @@ def evaluate_rung(params, rung: str, root: Path = Path("."), progress: bool = Fa
     with track.closed_on_failure(run):  # a failure ends the run FAILED, never left RUNNING
         with CoreShare(params.train.threads) as cores:  # threads: 0 shares the cores with what runs beside it
             start = time.perf_counter()
-            metrics, docs = test_metrics(model.to(device), params, root, device, progress, cores)
+            metrics, docs, inputs = test_metrics(model.to(device), params, root, device, progress, cores)
             seconds = time.perf_counter() - start
+            # tokens/s: test tokens, each scored twice (windows, full context); model_tokens_per_s: what went
+            # through the model in both passes, the count a training step's tokens/s compares with
             speed = {"seconds": round(seconds, 2), "tokens": metrics["test_tokens_scored"],
-                     "tokens_per_s": round(metrics["test_tokens_scored"] / seconds, 1), "threads": cores.current,
+                     "tokens_per_s": round(metrics["test_tokens_scored"] / seconds, 1),
+                     "model_tokens_per_s": round(inputs / seconds, 1), "threads": cores.current,
                      "peak_rss_mb": peak_rss_mb()}
             e = params.evaluate
             text = samples(model, load_tokenizer(paths.tokenizer_dir), e.prompts, e.sample_tokens, e.temperature,
