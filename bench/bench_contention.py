@@ -58,7 +58,7 @@ def project(base: Path, steps: int) -> Path:
             shutil.copy(src, root / name)
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["ladder"] = {"tiny": params["ladder"]["tiny"] | {"max_steps": steps}}
-    params["train"] |= {"eval_every": steps}
+    params["train"] |= {"eval_every": steps, "log_every": 5}  # the thread count is looked at each log flush
     params["mlflow"]["system_metrics"] = True
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git = ["git", "-c", "user.email=bench@mmrec.invalid", "-c", "user.name=bench"]
@@ -93,7 +93,7 @@ def measure(root: Path, busy: int, evaluate: bool) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=40, help="training steps a run (log and thread look every 10)")
+    ap.add_argument("--steps", type=int, default=40, help="training steps a run (log and thread look every 5)")
     ap.add_argument("--repeats", type=int, default=1, help="rounds; each figure is the median over them")
     ap.add_argument("--busy", default="0,1,2", help="numbers of busy processes beside the stage")
     ap.add_argument("--evaluate", action="store_true", help="also run evaluate@tiny after each training")
