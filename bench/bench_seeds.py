@@ -128,7 +128,7 @@ def seeds_of(study: Study, rung: str, count: int) -> dict:
     for seed in range(params.seed, params.seed + count):
         model, progress, secs, _ = study.run(rung, seed)
         start = time.perf_counter()
-        metrics, docs = test_metrics(model.eval(), params.model_copy(update={"seed": seed}), ROOT)
+        metrics, docs, _ = test_metrics(model.eval(), params.model_copy(update={"seed": seed}), ROOT)
         low, high = figure_interval(docs, p.confidence, p.bootstrap_samples, params.seed)
         rows.append({"seed": seed, "bpb": metrics["test_bpb_context"], "low": low, "high": high,
                      "val": progress.best_val, "best_step": progress.best_step, "train_s": secs,

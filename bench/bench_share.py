@@ -98,9 +98,9 @@ def main() -> None:
     args = ap.parse_args()
     if not (ROOT / "data/tokens/header.json").exists():
         sys.exit("data/tokens is missing -- run `dvc repro tokenizer` first")
-    from mmrec.training.cores import cpu_count
+    from mmrec.cpus import usable_cpus
 
-    cores = cpu_count()
+    cores = usable_cpus()
     print(f"{cores} cores, tiny rung, {args.steps} steps a training, best of {args.repeats}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)

@@ -59,7 +59,7 @@ def one(arch: str, seq: int, minutes: float, tokens_per_step: int) -> dict:
     steps = max(10, int(minutes * 60 * steps_per_second(cfg, params, train_tokens, val_tokens)))
     model, progress, seconds = train(cfg, params, steps, params.train.warmup_steps, train_tokens, val_tokens,
                                      eval_every=max(1, steps // 5))
-    metrics = test_metrics(model, params, ROOT)
+    metrics = test_metrics(model, params, ROOT)[0]
     return {"arch": arch, "seq": seq, "batch": batch, "params": count_params(model), "steps": steps,
             "train_s": seconds, "tok_s": steps * batch * seq / seconds, "best_val_loss": progress.best_val,
             "test_bpb": metrics["test_bpb"], "peak_rss_mb": peak_rss_mb()}

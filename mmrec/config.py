@@ -42,8 +42,8 @@ class DataParams(Section):
     group_by: list[str] = ["book", "chapter"]  # jsonl/parquet: consecutive records sharing these form one document
     val_fraction: Fraction = 0.05
     test_fraction: Fraction = 0.05
-    val_max_bytes: Annotated[int, Field(ge=0)] = 10_000_000  # 0: no cap; over it, the highest-hash val documents train
-    test_max_bytes: Annotated[int, Field(ge=0)] = 10_000_000  # 0: no cap; the same rule for test
+    val_max_bytes: Annotated[int, Field(ge=0)] = 2_000_000  # 0: no cap; over it, the highest-hash val documents train
+    test_max_bytes: Annotated[int, Field(ge=0)] = 2_000_000  # 0: no cap; the same rule for test
     min_doc_chars: Annotated[int, Field(ge=1)] = 1
     keep_layout: bool = False  # keep newlines and indentation (code, poetry); false: every whitespace run is one space
     max_documents: Annotated[int, Field(ge=0)] = 0  # read only the first N documents of the source; 0: all

@@ -14,6 +14,9 @@ TOKENIZER = Path("models/tokenizer")
 METRICS = Path("metrics")
 REPORTS = Path("reports")  # the report stage's page and its pictures (pipeline/report.py)
 REPORT = REPORTS / "report.md"
+# what the data stages measured: counts (reproducible, DVC outputs) and wall clock (metrics/speed/, never metrics)
+DOWNLOAD_METRICS, DOWNLOAD_SPEED = METRICS / "download.json", METRICS / "speed" / "download.json"
+TOKENIZER_METRICS, TOKENIZER_SPEED = METRICS / "tokenizer.json", METRICS / "speed" / "tokenizer.json"
 # The gate's figure, its key in metrics/eval/<rung>.json: test bits per byte with the full context each arch
 # can use (pipeline/evaluate.py). MLflow shows it as test/bpb_context (tracking/run.py: test_metric_names).
 GATE_METRIC = "test_bpb_context"
@@ -30,8 +33,8 @@ GATE_METRIC_NAME = test_metric_name(GATE_METRIC)
 OUTPUT_ROOTS = (DATA, MODELS, METRICS, REPORTS)  # the folders DVC writes (and deletes) outputs in
 # What the stages that run once per pipeline write, as their outs in dvc.yaml (tests/base/test_config.py checks
 # the two agree): a rung's files must never land on these (see `taken_by`).
-SHARED_OUTS = (PARAMS_OK, PREPARED, METRICS / "download.json", METRICS / "speed" / "download.json",
-               TOKENIZER, TOKENS, METRICS / "tokenizer.json", METRICS / "speed" / "tokenizer.json", REPORTS)
+SHARED_OUTS = (PARAMS_OK, PREPARED, DOWNLOAD_METRICS, DOWNLOAD_SPEED, TOKENIZER, TOKENS, TOKENIZER_METRICS,
+               TOKENIZER_SPEED, REPORTS)
 
 
 @dataclass
@@ -45,7 +48,7 @@ class RungPaths:
     def outs(self) -> tuple[Path, ...]:
         """Every path this rung's stages write (its model folder holds the rest), and its checkpoints."""
         return (self.model(), self.ckpt, self.metrics, self.eval_metrics, self.doc_scores, self.speed,
-                self.train_curve, self.val_curve, self.plot, self.summary)
+                self.eval_speed, self.train_curve, self.val_curve, self.plot, self.summary)
 
     def model(self, rung: str | None = None) -> Path:
         return self.root / "models" / (rung or self.rung)
@@ -94,7 +97,13 @@ class RungPaths:
 
     @property
     def speed(self) -> Path:
+        """Training's wall-clock figures (tokens/s, MFU)."""
         return self._metrics_file("speed")
+
+    @property
+    def eval_speed(self) -> Path:
+        """Evaluate's: seconds, test tokens/s, threads, peak RSS (beside training's, to compare)."""
+        return self._metrics_file("speed/eval")
 
     @property
     def train_curve(self) -> Path:

@@ -16,7 +16,7 @@ def main(argv: list[str]) -> None:
     params, rung = load_rung_params(argv, "evaluate")
     from mmrec.pipeline.evaluate import evaluate_rung
 
-    m = evaluate_rung(params, rung)
+    m = evaluate_rung(params, rung, progress=sys.stderr.isatty())  # a bar for a person, not for a log
     print(f"{rung}: test bits/byte {m['test_bpb_context']:.4f} with full context, {m['test_bpb']:.4f} in "
           f"{params.train.seq_len}-token windows (unigram {m['unigram_bpb']:.4f}), "
           f"loss {m['test_loss']:.4f}, ppl {m['test_ppl']:.1f}, top-1 {m['test_top1']:.3f}; "

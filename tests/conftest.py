@@ -197,6 +197,22 @@ def workdir(tokenized: Path, tmp_path: Path) -> Path:
     return root
 
 
+def grow_train_split(root: Path, n_tokens: int) -> Path:
+    """Make root/data/tokens/train.bin `n_tokens` long (its own ids over and over) and say so in header.json:
+    a train split shaped like a large corpus's, made in a moment. Returns the file."""
+    import json
+
+    import numpy as np
+
+    tokens = root / "data" / "tokens"
+    header = json.loads((tokens / "header.json").read_text())
+    ids = np.fromfile(tokens / "train.bin", dtype=header["dtype"])
+    np.resize(ids, n_tokens).tofile(tokens / "train.bin")
+    header["splits"]["train"]["tokens"] = n_tokens
+    (tokens / "header.json").write_text(json.dumps(header))
+    return tokens / "train.bin"
+
+
 def tiny_params(root: Path, **sections):
     """Validated tiny Params whose MLflow store lives under `root`."""
     from mmrec.config import parse_params

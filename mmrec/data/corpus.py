@@ -42,12 +42,11 @@ from mmrec.config import DataParams
 from mmrec.errors import UserError
 from mmrec.files import replacing_dir, sha256_file, write_json
 from mmrec.memory import peak_rss_mb
+from mmrec.cpus import usable_cpus
+from mmrec.paths import DOWNLOAD_METRICS, DOWNLOAD_SPEED, SPLITS
 from mmrec.paths import PREPARED as PREPARED_DIR
 from mmrec.paths import RAW as RAW_DIR
-from mmrec.paths import SPLITS
 
-METRICS_FILE = Path("metrics/download.json")
-SPEED_FILE = Path("metrics/speed/download.json")  # wall clock, apart from the reproducible metrics
 FORMATS = (".txt", ".jsonl", ".parquet")  # each may also be compressed, see COMPRESSIONS
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd"}  # suffix -> pyarrow codec, decompressed as a stream
 KINDS = "an http(s):// URL, a local file or directory (.txt/.jsonl/.parquet), or package:<import name>/<path>"
@@ -467,29 +466,65 @@ def split_of(digest: bytes, val_fraction: float, test_fraction: float) -> str:
     return "val" if u < val_fraction else "test" if u < val_fraction + test_fraction else "train"
 
 
+BUCKET_BITS = 4  # digests split by their top 4 bits into 16 buckets: a merge copies one bucket, not the whole set
+DIGEST_BUCKETS = 1 << BUCKET_BITS
+BUCKET_STARTS = np.arange(DIGEST_BUCKETS, dtype=np.uint64) << np.uint64(64 - BUCKET_BITS)
+
+
 class DigestSet:
-    """The 64-bit digests (first 8 bytes of the sha256) of the documents kept so far, for dedupe in 8
-    bytes a document (a Python set of digests costs over 100): sorted runs that merge like a binary counter.
-    Two different documents share a 64-bit digest with probability about n^2 / 2^65 for n documents."""
+    """The 64-bit digests (first 8 bytes of the sha256) of the documents kept so far, for dedupe in 8 bytes a
+    document (a Python set of digests costs over 100). Two different documents share a 64-bit digest with
+    probability about n^2 / 2^65 for n documents.
+
+    Each of DIGEST_BUCKETS buckets (by the digest's top bits, so they fill evenly) holds sorted runs, each
+    over twice the size of the next: a batch of new digests becomes a run of its own, and the two newest
+    merge while the older one is at most twice the newer. So a bucket has about log2(its size) runs, in
+    whatever order the batch sizes come (a corpus sorted by length brings fewer new documents each chunk),
+    every digest is merged about log(n) times, and a merge holds a copy of one bucket's runs only."""
 
     def __init__(self) -> None:
-        self._runs: list[np.ndarray] = []
+        self._buckets: list[list[np.ndarray]] = [[] for _ in range(DIGEST_BUCKETS)]
 
     def __len__(self) -> int:
-        return sum(len(run) for run in self._runs)
+        return sum(len(run) for runs in self._buckets for run in runs)
+
+    @property
+    def runs(self) -> int:
+        """The most runs a bucket holds: the lookups one digest costs."""
+        return max(len(runs) for runs in self._buckets)
 
     def add_new(self, digests: np.ndarray) -> np.ndarray:
         """Add `digests` (uint64); returns the mask of those not seen before (the first of equal ones)."""
-        new = np.zeros(len(digests), dtype=bool)
-        new[np.unique(digests, return_index=True)[1]] = True
-        for run in self._runs:
-            new &= run[np.searchsorted(run, digests).clip(max=len(run) - 1)] != digests
-        if new.any():
-            self._runs.append(np.sort(digests[new]))
-        while len(self._runs) > 1 and len(self._runs[-2]) <= len(self._runs[-1]):
-            last = self._runs.pop()
-            self._runs[-1] = np.sort(np.concatenate([self._runs[-1], last]), kind="stable")  # merges the two runs
+        order = np.argsort(digests, kind="stable")  # sorted, the batch falls into its buckets in order
+        ordered = digests[order]
+        fresh = np.ones(len(ordered), dtype=bool)
+        fresh[1:] = ordered[1:] != ordered[:-1]  # stable: the first of equal ones stays
+        bounds = [*ordered.searchsorted(BUCKET_STARTS).tolist(), len(ordered)]
+        for runs, lo, hi in zip(self._buckets, bounds[:-1], bounds[1:]):
+            if lo == hi:
+                continue
+            mine, mask = ordered[lo:hi], fresh[lo:hi]  # a view: clearing mask clears fresh
+            for run in runs:
+                mask &= run.take(run.searchsorted(mine), mode="clip") != mine  # clip: past the end, the last
+            if mask.any():
+                runs.append(mine[mask])  # sorted already
+            while len(runs) > 1 and len(runs[-2]) <= 2 * len(runs[-1]):
+                last = runs.pop()
+                runs[-1] = _merged(runs[-1], last)
+        new = np.empty(len(digests), dtype=bool)
+        new[order] = fresh
         return new
+
+
+def _merged(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Two sorted runs as one, written straight into place: no concatenated copy to sort."""
+    out = np.empty(len(a) + len(b), dtype=a.dtype)
+    at = a.searchsorted(b) + np.arange(len(b))  # where each of b lands among a's
+    rest = np.ones(len(out), dtype=bool)
+    rest[at] = False
+    out[at] = b
+    out[rest] = a
+    return out
 
 
 @dataclass
@@ -670,7 +705,7 @@ def build_corpus(data: DataParams, root: Path = Path("."), progress: bool = Fals
                  workers: int | None = None) -> dict[str, Any]:
     """The download stage: fetch, clean and split `data.source` under `root`; returns the manifest
     plus `seconds`. Writes data/raw/manifest.json, data/prepared/, metrics/download.json and
-    metrics/speed/download.json. `workers` clean in parallel (default: one per core for a source of
+    metrics/speed/download.json. `workers` clean in parallel (default: one per usable CPU for a source of
     PARALLEL_MIN_BYTES or more); the outputs are the same for any number."""
     start = time.perf_counter()
     raw_dir, prepared = root / RAW_DIR, root / PREPARED_DIR
@@ -681,7 +716,7 @@ def build_corpus(data: DataParams, root: Path = Path("."), progress: bool = Fals
     # No clock or absolute path in these manifests: they are DVC outputs and must rebuild identically.
     write_json(raw_dir / "manifest.json", {"source": data.source, "sha256": digest, "bytes": raw_bytes})
     if workers is None:
-        workers = (os.cpu_count() or 1) if raw_bytes >= PARALLEL_MIN_BYTES else 1
+        workers = usable_cpus() if raw_bytes >= PARALLEL_MIN_BYTES else 1
 
     with replacing_dir(prepared) as tmp, tqdm(total=raw_bytes, unit="B", unit_scale=True, desc="clean",
                                                disable=not progress) as bar:
@@ -699,9 +734,9 @@ def build_corpus(data: DataParams, root: Path = Path("."), progress: bool = Fals
 
     seconds = round(time.perf_counter() - start, 3)
     metrics = {**stats["splits"], "duplicates": stats["duplicates_dropped"], "short": stats["short_dropped"]}
-    write_json(root / METRICS_FILE, metrics)
+    write_json(root / DOWNLOAD_METRICS, metrics)
     text_bytes = sum(s["bytes"] for s in stats["splits"].values())
-    write_json(root / SPEED_FILE, {
+    write_json(root / DOWNLOAD_SPEED, {
         "seconds": seconds, "bytes": text_bytes, "mb_per_s": round(text_bytes / 1e6 / max(seconds, 1e-9), 2),
         "peak_rss_mb": peak_rss_mb(),
         "worker_peak_rss_mb": worker_rss, "workers": workers,

@@ -11,11 +11,14 @@ import collections
 import hashlib
 import io
 import json
+import os
 import random
 import re
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,16 +26,19 @@ import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
 
-from mmrec.config import TokenizerParams
+from mmrec.config import Params, TokenizerParams
+from mmrec.cpus import usable_cpus
 from mmrec.errors import UserError
-from mmrec.files import dvc_fix, replacing, sha256_file, write_json, write_text
-from mmrec.paths import SPLITS
+from mmrec.files import dvc_fix, replacing, replacing_dir, sha256_file, write_json, write_text
+from mmrec.memory import peak_rss_mb
+from mmrec.paths import PREPARED, SPLITS, TOKENIZER, TOKENIZER_METRICS, TOKENIZER_SPEED, TOKENS
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 MAX_DOC_BYTES = 1 << 20  # longer train documents are left out of training (still encoded)
 BATCH_BYTES = 1 << 20  # text encoded per batch: bounds memory whatever the corpus size
 SAMPLE_SHARE = 0.95  # a sampled document is drawn with this share of sample_bytes / train bytes
 HEADER = "header.json"
+READ_TOKENS = 1 << 20  # ids read at a time by a pass over a whole split (np.bincount makes 8 bytes of each)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -87,7 +93,17 @@ def read_docs(path: Path, escaped: bool = False) -> Iterator[str]:
         yield from map(unescape, lines) if escaped else lines
 
 
-def sample_docs(path: Path, sample_bytes: int, seed: int, escaped: bool = False) -> Iterator[str]:
+@dataclass
+class SampleCount:
+    """What the sampler saw: documents read, drawn, drawn but over MAX_DOC_BYTES, and taken."""
+    read: int = 0
+    drawn: int = 0
+    too_long: int = 0
+    taken: int = 0
+
+
+def sample_docs(path: Path, sample_bytes: int, seed: int, escaped: bool = False,
+                count: SampleCount | None = None) -> Iterator[str]:
     """The train documents SentencePiece learns from: all of them when the file holds at most `sample_bytes`,
     else each drawn (seeded) with probability SAMPLE_SHARE * sample_bytes / file size, never more than
     `sample_bytes` in all: the margin keeps the bound from cutting off the end of the file. Documents over
@@ -99,19 +115,33 @@ def sample_docs(path: Path, sample_bytes: int, seed: int, escaped: bool = False)
     size = path.stat().st_size
     keep = 1.0 if size <= sample_bytes else SAMPLE_SHARE * sample_bytes / size
     draw = random.Random(seed).random
-    taken = skipped = 0
+    count = SampleCount() if count is None else count
+    taken = 0
     for doc in read_docs(path, escaped):
+        count.read += 1
         if keep < 1.0 and draw() >= keep:
             continue
         doc_bytes = len(doc.encode("utf-8"))
+        count.drawn += 1
         if doc_bytes > MAX_DOC_BYTES:
-            skipped += 1
+            count.too_long += 1
         elif taken + doc_bytes + 1 <= sample_bytes:
             taken += doc_bytes + 1
+            count.taken += 1
             yield doc
-    if skipped:
-        print(f"note: {skipped} train documents over {MAX_DOC_BYTES} bytes left out of tokenizer training "
+    if count.too_long and count.taken:
+        print(f"note: {count.too_long} train documents over {MAX_DOC_BYTES} bytes left out of tokenizer training "
               "(they are still encoded)", file=sys.stderr)
+
+
+def empty_sample(count: SampleCount, sample_bytes: int, train_bytes: int) -> UserError:
+    """Why SentencePiece got no document at all, as one line naming what to change."""
+    if count.drawn and count.too_long == count.drawn:
+        return UserError(f"tokenizer sample: all {count.drawn} train documents drawn are over {MAX_DOC_BYTES} bytes, "
+                         "the most SentencePiece trains on as one document; split the source into smaller "
+                         "documents (records of data.text_field, or blank lines in a .txt)")
+    return UserError(f"tokenizer.sample_bytes = {sample_bytes} takes in no train document (they average "
+                     f"{train_bytes // max(count.read, 1):,} bytes); raise tokenizer.sample_bytes")
 
 
 def _user_error(err: RuntimeError, sampled: int) -> UserError | None:
@@ -144,7 +174,8 @@ def train_tokenizer(train_txt: Path, out_dir: Path, params: TokenizerParams, see
     out_dir.mkdir(parents=True, exist_ok=True)
     spm.set_random_generator_seed(seed)  # for anything random inside the trainer
     model = io.BytesIO()
-    sample = sample_docs(train_txt, params.sample_bytes, seed, layout_kept(train_txt.parent))
+    count = SampleCount()
+    sample = sample_docs(train_txt, params.sample_bytes, seed, layout_kept(train_txt.parent), count)
     total = min(params.sample_bytes, train_txt.stat().st_size)
     # the bar fills while SentencePiece loads the sample; its training that follows reports nothing
     with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizer sample", disable=not progress) as bar:
@@ -170,6 +201,8 @@ def train_tokenizer(train_txt: Path, out_dir: Path, params: TokenizerParams, see
                 minloglevel=2,  # errors only
             )
         except RuntimeError as err:
+            if not count.taken and "sentences_.empty()" in str(err):
+                raise empty_sample(count, params.sample_bytes, train_txt.stat().st_size) from None
             sampled = params.sample_bytes if params.sample_bytes < train_txt.stat().st_size else 0
             raise (_user_error(err, sampled) or err) from None
     model_path = out_dir / "spm.model"
@@ -310,14 +343,103 @@ def read_header(tokens_dir: str | Path) -> dict:
     return header
 
 
-def load_tokens(tokens_dir: str | Path, split: str) -> np.memmap:
-    """The token ids of one split (uint16 or uint32, as header.json says), read-only, mapped (not loaded)."""
+def _split_file(tokens_dir: str | Path, split: str) -> tuple[Path, dict]:
+    """The token file of one split and the header, both checked."""
     header = read_header(tokens_dir)
     if split not in header["splits"]:
         raise UserError(f"unknown split {split!r}; {Path(tokens_dir) / HEADER} has: {', '.join(header['splits'])}")
-    tokens = np.memmap(Path(tokens_dir) / f"{split}.bin", dtype=header["dtype"], mode="r")
-    if len(tokens) and int(tokens.max()) >= header["vocab_size"]:  # one pass over a few MB: cheap, and it
-        # turns a damaged file into one line instead of an embedding IndexError mid-training
-        raise UserError(f"{Path(tokens_dir) / f'{split}.bin'}: holds ids beyond vocab_size {header['vocab_size']} "
-                        f"(damaged?); {dvc_fix('tokenizer')}")
-    return tokens
+    return Path(tokens_dir) / f"{split}.bin", header
+
+
+def _blocks_of(path: Path, dtype: str) -> Iterator[np.ndarray]:
+    """The ids of a token file, READ_TOKENS at a time, read (not mapped): a pass over a split of any size holds
+    one block, and none of the file's pages count as this process's memory."""
+    with open(path, "rb") as f:
+        while len(block := np.fromfile(f, dtype=dtype, count=READ_TOKENS)):
+            yield block
+
+
+def _beyond_vocab(path: Path, vocab_size: int) -> UserError:
+    # a damaged file: one line instead of an embedding IndexError mid-training
+    return UserError(f"{path}: holds ids beyond vocab_size {vocab_size} (damaged?); {dvc_fix('tokenizer')}")
+
+
+def token_counts(tokens_dir: str | Path, split: str) -> np.ndarray:
+    """How often each id occurs in a split (int64, vocab_size entries), counted a block at a time."""
+    path, header = _split_file(tokens_dir, split)
+    vocab = header["vocab_size"]
+    counts = np.zeros(vocab, dtype=np.int64)
+    for block in _blocks_of(path, header["dtype"]):
+        found = np.bincount(block, minlength=vocab)
+        if len(found) > vocab:
+            raise _beyond_vocab(path, vocab)
+        counts += found
+    return counts
+
+
+class TokenFile:
+    """A split's ids read on demand (os.pread): `tokens[a:b]` is read from the file, which is never mapped, so
+    the windows a long training draws from a large train split never add up to its size in memory."""
+
+    def __init__(self, path: Path, dtype: str):
+        self.path, self.dtype = path, np.dtype(dtype)
+        self._fd = os.open(path, os.O_RDONLY)
+        self._len = os.fstat(self._fd).st_size // self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("TokenFile takes contiguous slices only")
+        start, stop, _ = key.indices(self._len)
+        size = self.dtype.itemsize
+        return np.frombuffer(os.pread(self._fd, max(stop - start, 0) * size, start * size), dtype=self.dtype)
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def load_tokens(tokens_dir: str | Path, split: str, mapped: bool = True) -> np.memmap | TokenFile:
+    """The token ids of one split (uint16 or uint32, as header.json says), read-only: mapped (not loaded), or
+    with mapped=False read on demand (TokenFile, for the train split whose size must not count). Either way
+    the ids are checked first, a block at a time."""
+    path, header = _split_file(tokens_dir, split)
+    for block in _blocks_of(path, header["dtype"]):
+        if int(block.max()) >= header["vocab_size"]:
+            raise _beyond_vocab(path, header["vocab_size"])
+    if not mapped:
+        return TokenFile(path, header["dtype"])
+    return np.memmap(path, dtype=header["dtype"], mode="r")
+
+
+# ------------------------------------------------------------------------------------------ stage
+
+
+def build_tokenizer(params: Params, root: Path = Path("."), progress: bool = False) -> dict:
+    """The tokenizer stage: train SentencePiece on a sample of train.txt, encode every split; writes
+    models/tokenizer, data/tokens, metrics/tokenizer.json and metrics/speed/tokenizer.json under `root`.
+    Returns the token header plus `seconds`."""
+    prepared = root / PREPARED
+    for split in SPLITS:
+        txt = prepared / f"{split}.txt"
+        if not txt.is_file() or txt.stat().st_size == 0:
+            raise UserError(f"{txt}: missing or empty (run `dvc repro download` first)")
+    start = time.perf_counter()
+    # Both dirs are built beside their final place and renamed in only when everything succeeded.
+    with replacing_dir(root / TOKENIZER) as model_dir, replacing_dir(root / TOKENS) as tokens_dir:
+        model = train_tokenizer(prepared / "train.txt", model_dir, params.tokenizer, params.seed, progress)
+        trained = time.perf_counter()
+        # encoding is the same on any thread count, so it takes every usable CPU (training keeps its fixed count)
+        threads = usable_cpus()
+        header = encode_splits(model, prepared, tokens_dir, threads, progress)
+    seconds, encode_s = time.perf_counter() - start, time.perf_counter() - trained
+    write_json(root / TOKENIZER_METRICS, dict(vocab_size=header["vocab_size"], **header["splits"]))
+    text = sum(split["bytes"] for split in header["splits"].values())
+    write_json(root / TOKENIZER_SPEED, {
+        "seconds": round(seconds, 2), "bytes": text, "mb_per_s": round(text / 1e6 / seconds, 2),
+        "train_seconds": round(trained - start, 2), "encode_seconds": round(encode_s, 2),
+        "encode_mb_per_s": round(text / 1e6 / encode_s, 2), "encode_threads": threads, "peak_rss_mb": peak_rss_mb()})
+    return {**header, "seconds": seconds}

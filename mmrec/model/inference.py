@@ -3,6 +3,7 @@ accuracy, bits per byte), generating text, and loading a checkpoint. No tracking
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ class Scores:
     tokens: int = 0
     top1: int = 0
     top5: int = 0
+    inputs: int = 0  # tokens fed to the model: a sliding window reads more than it scores
 
     @property
     def loss(self) -> float:
@@ -33,6 +35,7 @@ class Scores:
         self.tokens += other.tokens
         self.top1 += other.top1
         self.top5 += other.top5
+        self.inputs += other.inputs
 
 
 def bits_per_byte(nll_sum: float, n_bytes: int) -> float:
@@ -65,10 +68,14 @@ class DocumentTally:
         return [(int(a), int(b)) for a, b in zip(starts, stops) if b > a]
 
 
+Advance = Callable[[int], object]  # told how many targets were just scored (a progress bar, a thread re-check)
+
+
 def _scores(logits: torch.Tensor, y: torch.Tensor, positions: torch.Tensor | None = None,
-            tally: DocumentTally | None = None) -> Scores:
-    """Summed NLL and top-1/top-5 hits of targets y; with a tally, each target's NLL also goes to its document
-    (positions: the stream position of each target) and the sum is taken in float64, as the tally's is."""
+            tally: DocumentTally | None = None, ranks: bool = True) -> Scores:
+    """Summed NLL and top-1/top-5 hits of targets y (none counted with ranks=False: a top-k over the vocabulary
+    costs about as much as the loss); with a tally, each target's NLL also goes to its document (positions:
+    the stream position of each target) and the sum is taken in float64, as the tally's is."""
     logits = logits.float()
     if tally is None:
         nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
@@ -76,13 +83,16 @@ def _scores(logits: torch.Tensor, y: torch.Tensor, positions: torch.Tensor | Non
         per_token = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").double().cpu().numpy()
         tally.add(positions.flatten().numpy(), per_token)
         nll = float(per_token.sum())
+    if not ranks:
+        return Scores(nll, y.numel())
     top5 = logits.topk(min(5, logits.size(-1)), dim=-1).indices
     return Scores(nll, y.numel(), (top5[..., 0] == y).sum().item(), (top5 == y[..., None]).any(-1).sum().item())
 
 
-@torch.no_grad()
+@torch.inference_mode()  # forward only: no autograd records, no version counters
 def score(model: torch.nn.Module, tokens: np.ndarray, windows: list[tuple[int, ...]],
-          batch_size: int, device: torch.device, tally: DocumentTally | None = None) -> Scores:
+          batch_size: int, device: torch.device, tally: DocumentTally | None = None, ranks: bool = True,
+          advance: Advance | None = None) -> Scores:
     """Score (start, length) windows, or (start, length, skip) ones whose first `skip` targets are context only;
     windows of equal shape are batched together. A tally also gets each target's NLL by document."""
     was_training = model.training
@@ -98,7 +108,11 @@ def score(model: torch.nn.Module, tokens: np.ndarray, windows: list[tuple[int, .
             x = torch.stack([p[0] for p in pairs]).to(device)
             y = torch.stack([p[1] for p in pairs]).to(device)
             positions = torch.tensor(batch)[:, None] + torch.arange(1 + skip, length + 1)
-            total.add(_scores(model(x).logits[:, skip:], y[:, skip:], positions, tally))
+            scored = _scores(model(x).logits[:, skip:], y[:, skip:], positions, tally, ranks)
+            scored.inputs = x.numel()
+            total.add(scored)
+            if advance is not None:
+                advance(scored.tokens)
     model.train(was_training)
     return total
 
@@ -116,9 +130,9 @@ def sliding_windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int,
     return out
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def score_carried(model: torch.nn.Module, tokens: np.ndarray, window_len: int, device: torch.device,
-                  tally: DocumentTally | None = None) -> Scores:
+                  tally: DocumentTally | None = None, ranks: bool = True, advance: Advance | None = None) -> Scores:
     """MM-Rec over the whole stream in one pass: consecutive windows, each starting from the recurrent state
     the previous one ended in, so every target is scored once with its whole history (the window length
     only bounds memory, it changes no number beyond float rounding)."""
@@ -129,20 +143,26 @@ def score_carried(model: torch.nn.Module, tokens: np.ndarray, window_len: int, d
         x, y = window(tokens, start, length)
         out = model(x[None].to(device), state=state)
         state = out.state
-        total.add(_scores(out.logits, y[None].to(device), torch.arange(start + 1, start + length + 1), tally))
+        scored = _scores(out.logits, y[None].to(device), torch.arange(start + 1, start + length + 1), tally, ranks)
+        scored.inputs = length
+        total.add(scored)
+        if advance is not None:
+            advance(length)
     model.train(was_training)
     return total
 
 
 def score_context(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batch_size: int,
-                  device: torch.device, tally: DocumentTally | None = None) -> Scores:
+                  device: torch.device, tally: DocumentTally | None = None, ranks: bool = True,
+                  advance: Advance | None = None) -> Scores:
     """Every target of the stream scored once, with all the context its arch can use: MM-Rec carries its state
-    through the whole stream; GPT, whose attention was trained on seq_len tokens, slides windows of seq_len
-    by seq_len / 2, so each target after the first window sees at least half a window."""
+    through the whole stream, seq_len * batch_size tokens a forward; GPT, whose attention was trained on
+    seq_len tokens, slides windows of seq_len by seq_len / 2, so each target after the first window sees at
+    least half a window."""
     if model.cfg.arch == "mmrec":
-        return score_carried(model, tokens, seq_len * batch_size, device, tally)
+        return score_carried(model, tokens, seq_len * batch_size, device, tally, ranks, advance)
     return score(model, tokens, sliding_windows(len(tokens), seq_len, max(1, seq_len // 2)), batch_size, device,
-                 tally)
+                 tally, ranks, advance)
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ import numpy as np
 
 from mmrec.config import Params
 from mmrec.files import copy_atomic, replacing, write_json, write_text
+from mmrec.memory import peak_rss_mb
 from mmrec.model.lm import ModelConfig
 from mmrec.paths import RungPaths
 from mmrec.training.loop import Progress
@@ -30,7 +31,7 @@ def write_outputs(paths: RungPaths, run: Any, progress: Progress, cfg: ModelConf
                "final_train_loss": last["train_loss"], "final_val_loss": last["val_loss"], "n_params": n_params,
                "tokens_seen": progress.tokens, "stopped_early": progress.stopped_early}
     write_json(paths.metrics, metrics)
-    speed = run_speed(run)
+    speed = run_speed(run) | {"peak_rss_mb": peak_rss_mb()}  # the stage's, whatever the train split's size
     write_json(paths.speed, speed)
     # every step's train loss comes back from the run (a resumed run logged its first steps before the kill)
     train = per_step(run, "loss/train")

@@ -76,7 +76,8 @@ def train_rung(params: Params, rung_name: str, root: Path = Path(".")) -> dict[s
     tp, rung = params.train, params.rung(rung_name)
     paths = RungPaths(root, rung_name, tp.checkpoint_dir)
     header = read_header(paths.tokens)
-    train_tokens, val_tokens = load_tokens(paths.tokens, "train"), load_tokens(paths.tokens, "val")
+    # train read window by window, never mapped: a long run would otherwise hold the pages of the whole split
+    train_tokens, val_tokens = load_tokens(paths.tokens, "train", mapped=False), load_tokens(paths.tokens, "val")
     check_fits(train_tokens, tp.seq_len, "train")
     check_fits(val_tokens, tp.seq_len, "val")
     device = resolve_device(tp.device)

@@ -220,7 +220,7 @@ def test_the_smallest_max_tokens_validation_allows_evaluates(tokenized):
 
     p = tiny_params(tokenized, evaluate={"max_tokens": 33})  # train.seq_len 32
     model = build_model(ModelConfig.from_params(p.model, p.rung("tiny"), 400))
-    m, docs = test_metrics(model, p, tokenized, torch.device("cpu"))
+    m, docs, _ = test_metrics(model, p, tokenized, torch.device("cpu"))
     assert m["test_tokens_scored"] == 32 and m["test_bytes_scored"] > 0 and math.isfinite(m["test_bpb_context"])
     assert docs.bytes.sum() == m["test_bytes_scored"] and not docs.whole_split
 

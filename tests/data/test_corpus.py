@@ -5,6 +5,7 @@ import functools
 import gzip
 import hashlib
 import json
+import os
 import random
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 import mmrec.data.corpus
 from mmrec.config import DataParams
@@ -105,7 +107,39 @@ def test_digest_set_matches_a_python_set():
             expected.append(value not in reference)
             reference.add(value)
         assert new.tolist() == expected
-    assert len(seen) == len(reference) and len(seen._runs) <= 12  # runs merge: about log2(n) of them
+    assert len(seen) == len(reference) and seen.runs <= 12  # runs merge: about log2(n) of them
+
+
+def test_digest_set_stays_fast_when_each_batch_brings_fewer_new_documents():
+    """A corpus sorted by length: each chunk brings fewer new documents than the last. Runs must merge anyway;
+    they once piled up one per batch, and every lookup walked them all (82 s against 1.7 s for 2,000 batches)."""
+    rng = np.random.default_rng(1)
+    sizes = {"equal": [300] * 600, "shrinking": list(range(600, 0, -1))}  # about 180,000 digests each
+    seconds = {}
+    for name, counts in sizes.items():
+        batches = np.split(rng.integers(0, 2**63, sum(counts), dtype=np.uint64), np.cumsum(counts)[:-1])
+        seen, start = DigestSet(), time.perf_counter()
+        for batch in batches:
+            seen.add_new(batch)
+        seconds[name] = time.perf_counter() - start
+        assert len(seen) == sum(counts)
+    assert seconds["shrinking"] < 3 * seconds["equal"], seconds  # quadratic, it was 10x and more here
+
+
+def test_digest_set_peaks_near_its_steady_8_bytes_a_document():
+    import tracemalloc
+
+    rng = np.random.default_rng(2)
+    n, seen = 1 << 19, DigestSet()
+    tracemalloc.start()
+    try:
+        for _ in range(n // 4096):  # a full merge of the last runs comes with the last batch
+            seen.add_new(rng.integers(0, 2**63, 4096, dtype=np.uint64))
+        steady, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert steady / n < 8.5
+    assert peak / n < 11, (steady / n, peak / n)  # a merge of whole sets held three copies: 25 bytes a document
 
 
 def test_duplicates_and_short_documents_are_dropped_and_counted(tmp_path):
@@ -530,6 +564,23 @@ def test_peak_memory_does_not_grow_with_the_file(tmp_path, fmt):
     # a whole-file read adds 3x the 10 MB more text and more (30+ MB); streaming adds allocator noise, up to
     # 5 MB seen when another test runs beside it
     assert large_rss - small_rss < 15, sizes
+
+
+def test_workers_follow_the_cpus_the_process_may_use_not_the_host(tmp_path):
+    """Pinned to one CPU (taskset, a cpuset), a source large enough for parallel cleaning gets one worker."""
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no CPU affinity on this OS")
+    block = "\n\n".join(code_docs(400, seed=3)) + "\n\n"
+    source = tmp_path / "c.txt"
+    with open(source, "w", encoding="utf-8") as f:
+        while f.tell() < mmrec.data.corpus.PARALLEL_MIN_BYTES:
+            f.write(block)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": {"source": str(source), "max_documents": 200}}))
+    one_cpu = min(os.sched_getaffinity(0))
+    proc = subprocess.run([sys.executable, str(REPO / "stages/download.py")], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, preexec_fn=lambda: os.sched_setaffinity(0, {one_cpu}))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "metrics/speed/download.json").read_text())["workers"] == 1
 
 
 # ------------------------------------------------------------------------ parallel, caps

@@ -169,6 +169,22 @@ def test_vocab_too_small_for_byte_fallback(prepared, tmp_path):
         train_tokenizer(prepared / "train.txt", tmp_path, PARAMS.model_copy(update=dict(vocab_size=100)), seed=7)
 
 
+def test_a_sample_bytes_that_holds_no_document_says_raise_it(tmp_path):
+    (tmp_path / "train.txt").write_text("\n".join(make_docs(400, 0)) + "\n", encoding="utf-8")
+    params = PARAMS.model_copy(update=dict(sample_bytes=20))  # every document is longer
+    with pytest.raises(UserError, match=r"^tokenizer.sample_bytes = 20 takes in no train document \(they average "
+                                        r"\d+ bytes\); raise tokenizer.sample_bytes$"):
+        train_tokenizer(tmp_path / "train.txt", tmp_path / "tok", params, seed=7)
+
+
+def test_documents_all_over_the_sentence_limit_say_split_them(tmp_path):
+    long = " ".join(["the lord said unto moses"] * 45_000)  # 1.1 MB each: SentencePiece takes at most 1 MB
+    (tmp_path / "train.txt").write_text(f"{long}\n{long} and aaron\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"^tokenizer sample: all 2 train documents drawn are over 1048576 bytes, .*"
+                                        r"split the source into smaller documents"):
+        train_tokenizer(tmp_path / "train.txt", tmp_path / "tok", PARAMS, seed=7)
+
+
 def test_text_that_is_not_utf8_is_refused(tmp_path):
     (tmp_path / "train.txt").write_bytes(b"in the beginning\n\xff\xfe\n")
     with pytest.raises(UserError, match=r"train\.txt: not valid UTF-8"):
@@ -191,6 +207,44 @@ def test_a_damaged_token_file_is_refused(tokens, tmp_path, damage):
         load_tokens(copy, "train")  # any read checks every file the header names
 
 
+def test_whole_split_reads_hold_a_block_not_the_split(workdir):
+    """Counting a train split and checking its ids read it a block at a time; the train split that training
+    draws windows from is read window by window. None of it is mapped, so its size never counts as memory."""
+    from tests.conftest import grow_train_split
+
+    tokens = workdir / "data/tokens"
+    ids = np.fromfile(grow_train_split(workdir, 12_000_000), dtype=np.uint16)  # 24 MB
+    code = f"""
+import sys, tracemalloc
+sys.path.insert(0, {str(REPO)!r})
+import numpy as np
+from mmrec.data.tokenizer import load_tokens, token_counts
+def rss_mb():  # resident now: anonymous memory and mapped file pages alike
+    status = open("/proc/self/status").read().split("VmRSS:")[1]
+    return int(status.split()[0]) / 1024
+before = rss_mb()
+tracemalloc.start()
+counts = token_counts({str(tokens)!r}, "train")
+train = load_tokens({str(tokens)!r}, "train", mapped=False)
+rng = np.random.default_rng(0)
+windows = [train[s:s + 257] for s in rng.integers(0, len(train) - 257, 2000).tolist()]
+print(tracemalloc.get_traced_memory()[1] / 2**20, rss_mb() - before, len(train), counts.tolist())
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    traced_mb, rss_mb, n, counts = done.stdout.split(maxsplit=3)
+    assert int(n) == len(ids) and json.loads(counts) == np.bincount(ids, minlength=400).tolist()
+    assert float(traced_mb) < 16  # np.bincount of the whole split made 8 bytes of every id: 96 MB
+    assert float(rss_mb) < 16  # mapping it and reading it through held its 24 MB
+
+
+def test_a_token_file_slices_like_the_mapped_split(tokens):
+    mapped, read = load_tokens(tokens, "train"), load_tokens(tokens, "train", mapped=False)
+    assert len(read) == len(mapped)
+    for a, b in [(0, 10), (5, 5), (len(mapped) - 3, len(mapped) + 7), (-4, None)]:
+        assert read[a:b].tolist() == mapped[a:b].tolist()
+
+
 def test_missing_header_and_tokenizer_say_what_to_run(tmp_path):
     with pytest.raises(UserError, match="dvc repro tokenizer"):
         read_header(tmp_path)
@@ -211,9 +265,9 @@ def test_replacing_dir_keeps_the_old_dir_when_the_build_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in final.iterdir()] == ["new.txt"]
 
 
-def run_stage(cwd: Path) -> subprocess.CompletedProcess:
+def run_stage(cwd: Path, **popen) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "stages/tokenizer.py")], cwd=cwd, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, **popen)
 
 
 def test_stage_writes_every_output(prepared, tmp_path):
@@ -234,6 +288,17 @@ def test_stage_writes_every_output(prepared, tmp_path):
     assert speed["mb_per_s"] > 0 and speed["encode_mb_per_s"] > 0 and 20 < speed["peak_rss_mb"] < 1000
     assert metrics["test"]["tokens"] == read_header(tmp_path / "data/tokens")["splits"]["test"]["tokens"]
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["prepared", "tokens"]  # no temp dirs left
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this OS")
+def test_encoding_threads_follow_the_cpus_the_process_may_use(prepared, tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"tokenizer": {"vocab_size": 320}}))
+    (tmp_path / "data").mkdir()
+    os.symlink(prepared, tmp_path / "data/prepared")
+    one_cpu = min(os.sched_getaffinity(0))
+    done = run_stage(tmp_path, preexec_fn=lambda: os.sched_setaffinity(0, {one_cpu}))  # as taskset -c would
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "metrics/speed/tokenizer.json").read_text())["encode_threads"] == 1
 
 
 def test_stage_without_prepared_data_says_run_download(tmp_path):

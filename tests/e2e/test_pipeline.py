@@ -66,7 +66,11 @@ def test_whole_ladder_trains_grows_promotes_under_one_pipeline_run_and_a_rerun_d
     files = next(iter(shown.values()))["data"]
     assert set(files) == {"metrics/summary/tiny.json", "metrics/summary/mini.json"}  # the headline, nothing else
     tiny_bpb = files["metrics/summary/tiny.json"]["data"]["tiny"]["bpb"]
-    assert 0 < tiny_bpb < json.loads((root / "metrics/eval/tiny.json").read_text())["unigram_bpb"]
+    tiny_eval = json.loads((root / "metrics/eval/tiny.json").read_text())
+    assert 0 < tiny_bpb < tiny_eval["unigram_bpb"]
+    eval_speed = json.loads((root / "metrics/speed/eval/tiny.json").read_text())  # beside training's, to compare
+    assert eval_speed["tokens"] == tiny_eval["test_tokens_scored"] and eval_speed["tokens_per_s"] > 0
+    assert eval_speed["threads"] == 1 and eval_speed["peak_rss_mb"] > 0  # train.threads: 1 in the tests
 
     assert mini_run.data.tags["parent_run_id"] == tiny_run
     assert mini_run.data.metrics["growth/grown_val_loss"] == pytest.approx(

@@ -246,7 +246,7 @@ def test_train_rung_logs_params_metrics_and_artifacts_to_mlflow(workdir):
     assert artifacts == {"plots/tiny.png", "tokenizer/spm.model", "checkpoint/best.pt"}
 
     speed = json.loads((workdir / "metrics/speed/tiny.json").read_text())
-    assert speed["tokens_per_s"] > 0 and 0 < speed["mfu"] < 1
+    assert speed["tokens_per_s"] > 0 and 0 < speed["mfu"] < 1 and 50 < speed["peak_rss_mb"] < 4000
     started = run.info.start_time / 1000  # the wall time: from the run's start to the outputs
     assert 0 < speed["seconds"] <= round(time.time() - started, 1) + 0.1
     saved = json.loads((workdir / "metrics/train/tiny.json").read_text())
