@@ -226,7 +226,7 @@ class MlflowParams(Section):
     tracking_uri: str = "sqlite:///mlflow.db"  # relative paths resolve against the main repository
     artifact_root: str = "mlruns"
     experiment: Annotated[str, Field(min_length=1)] = "mmrec"
-    lock_timeout_s: Annotated[float, Field(ge=0, le=86400)] = 120.0  # wait this long for a locked sqlite store
+    lock_timeout_s: Annotated[float, Field(ge=0, le=86400)] = 120.0  # for a locked sqlite store, a registry lease
     system_metrics: bool = True  # MLflow's CPU/memory/GPU sampling of every run (false: off)
 
 
