@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from mmrec.errors import UserError
-from mmrec.paths import OUTPUT_ROOTS, taken_by
+from mmrec.paths import CHAMPION, EXPERIMENT_ALIAS, OUTPUT_ROOTS, taken_by
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 PARAMS_FILE = Path("params.yaml")
@@ -227,7 +227,7 @@ class MlflowParams(Section):
     tracking_uri: str = "sqlite:///mlflow.db"  # relative paths resolve against the main repository
     artifact_root: str = "mlruns"
     experiment: Annotated[str, Field(min_length=1)] = "mmrec"
-    lock_timeout_s: Annotated[float, Field(ge=0, le=86400)] = 120.0  # wait this long for a locked sqlite store
+    lock_timeout_s: Annotated[float, Field(ge=0, le=86400)] = 120.0  # for a locked sqlite store, a registry lease
     system_metrics: bool = True  # MLflow's CPU/memory/GPU sampling of every run (false: off)
 
 
@@ -284,6 +284,8 @@ class Params(Section):
         for name, rung in ladder.items():
             if not RUNG_NAME.match(name):
                 raise ValueError(f"rung name {name!r} must match {RUNG_NAME.pattern}")
+            if why := _not_an_alias(name):
+                raise ValueError(f"rung name {name!r} cannot be the rung's registry alias: {why}; rename the rung")
             if train is not None and (clash := taken_by(name, train.checkpoint_dir)):
                 mine, theirs = clash
                 what = "is" if mine == theirs else f"would overlap {theirs},"
@@ -344,6 +346,18 @@ class Params(Section):
     def config_digest(self, rung: str) -> str:
         """A short stable name of config_identity(rung): equal for runs of one config over any seeds."""
         return hashlib.sha256(json.dumps(self.config_identity(rung), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _not_an_alias(name: str) -> str | None:
+    """Why promote could not point an alias named after this rung at its version (None: it can): MLflow refuses
+    the names of versions, and two of the registry's own aliases would merge with it."""
+    if re.fullmatch(r"v\d+", name) or name == "latest":
+        return "MLflow reserves v<digits> and 'latest' as names of versions"
+    if name == CHAMPION:
+        return f"'{CHAMPION}' is the alias of the best version of any rung"
+    if name.startswith(EXPERIMENT_ALIAS):
+        return f"'{EXPERIMENT_ALIAS}<name>' is the alias of the version of dvc experiment <name>"
+    return None
 
 
 def _check_growth(name: str, rung: RungParams, parent_name: str, parent: RungParams) -> None:

@@ -30,6 +30,9 @@ from mmrec.paths import GATE_METRIC
 # A document's id: the first 64 bits of the sha256 of its UTF-8 text. n distinct documents share an id with
 # odds of about n^2 / 2^65: 3e-17 for 55 chapters, 3e-8 for a million documents.
 ID_HEX = 16
+# In metrics/eval/<rung>.json, beside the figures: the sha256 of the <rung>.docs.json written just before it, so
+# that the two are one evaluation's (registry/gate.py eval_outputs refuses a pair from two).
+SCORES_FILE_SHA256 = "docs_file_sha256"
 CELLS = 1 << 21  # bootstrap resamples x documents drawn at once: bounds memory (~16 MB a block) at any split size
 
 

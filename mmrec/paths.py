@@ -30,6 +30,10 @@ def test_metric_name(key: str) -> str:
 
 
 GATE_METRIC_NAME = test_metric_name(GATE_METRIC)
+# Registry aliases (mmrec/registry/gate.py): `champion` on the best version, `exp-<name>` on a dvc experiment's,
+# and each rung's name on its best version (so no rung may take a name of these, nor one MLflow reserves).
+CHAMPION = "champion"
+EXPERIMENT_ALIAS = "exp-"
 OUTPUT_ROOTS = (DATA, MODELS, METRICS, REPORTS)  # the folders DVC writes (and deletes) outputs in
 # What the stages that run once per pipeline write, as their outs in dvc.yaml (tests/base/test_config.py checks
 # the two agree): a rung's files must never land on these (see `taken_by`).

@@ -9,6 +9,7 @@ seconds ended up under two pipeline runs; identities here use the ticks.
 """
 from __future__ import annotations
 
+import getpass
 import os
 import socket
 from functools import lru_cache
@@ -38,6 +39,14 @@ def _start_elsewhere(pid: int) -> int | None:
         return round(psutil.Process(pid).create_time() * 100)
     except psutil.Error:
         return None
+
+
+def user() -> str:
+    """Who runs this process: the login name, else the numeric uid (a container uid without a passwd entry)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid()) if hasattr(os, "getuid") else "unknown"
 
 
 @lru_cache(maxsize=1)

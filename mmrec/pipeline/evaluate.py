@@ -17,7 +17,7 @@ from mmrec.training.cores import CoreShare
 from mmrec.data.windows import tiling_starts
 from mmrec.training.device import resolve_device
 from mmrec.errors import UserError
-from mmrec.files import dvc_fix, write_json, write_text
+from mmrec.files import dvc_fix, sha256_file, write_json, write_text
 from mmrec.model.inference import (DocumentTally, bits_per_byte, generate, load_model, perplexity, score, score_context,
                              text_bytes)
 from mmrec.model.lm import count_params
@@ -137,9 +137,9 @@ def evaluate_rung(params, rung: str, root: Path = Path("."), progress: bool = Fa
             e = params.evaluate
             text = samples(model, load_tokenizer(paths.tokenizer_dir), e.prompts, e.sample_tokens, e.temperature,
                            e.top_k, params.seed)
-        write_json(paths.eval_metrics, metrics)
+        paired.save(docs, paths.doc_scores)  # first: the figures name the scores they were written with
+        write_json(paths.eval_metrics, metrics | {paired.SCORES_FILE_SHA256: sha256_file(paths.doc_scores)})
         write_json(paths.eval_speed, speed)  # wall clock: an output beside the metrics, never one of them
-        paired.save(docs, paths.doc_scores)
         # the headline is the gate's number: every test token once, with all the context the arch can use
         write_json(paths.summary, summary(rung, metrics["test_bpb_context"], ckpt["progress"]["best_val"],
                                           count_params(model)))

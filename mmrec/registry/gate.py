@@ -15,7 +15,8 @@ existed is compared by the fixed margin alone, and the decision says so. A non-f
 A promoted rung is registered once per checkpoint, with its whole-split figure and per-document scores
 (a rerun on a subset never replaces them), and `champion` and the rung's own alias move only when the
 version beats their current version by the same test. A version from `dvc exp run` also gets
-`exp-<name>`, which always moves.
+`exp-<name>`, which always moves. The aliases are read, compared with and moved under the registry's lease
+(registry/lease.py): one promotion at a time, however many run against one store.
 """
 from __future__ import annotations
 
@@ -24,15 +25,16 @@ import os
 import re
 import warnings
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from mmrec import paired
 from mmrec.config import Params, PromoteParams
 from mmrec.errors import UserError
-from mmrec.files import load_json, sha256_file, write_json
+from mmrec.files import dvc_fix, load_json, sha256_file, write_json
 from mmrec.paired import GATE_METRIC, DocScores, Gain
-from mmrec.paths import RungPaths
+from mmrec.paths import EXPERIMENT_ALIAS, RungPaths
 
 
 class Rejected(UserError):
@@ -69,7 +71,7 @@ class Decision:
     champion_gain: float | None = None  # over the version that held champion, when the two compared
     champion_gain_low: float | None = None
     champion_gain_high: float | None = None
-    aliases: dict[str, str] = field(default_factory=dict)  # alias -> "moved: why" / "stayed: why" / "kept: ..."
+    aliases: dict[str, str] = field(default_factory=dict)  # alias -> str(AliasOutcome): "moved: why", ...
     metric: str = GATE_METRIC
 
 
@@ -90,6 +92,24 @@ class Verdict:
     why: str
     gain: float | None = None  # reference minus candidate
     interval: Gain | None = None  # the paired test's; None when compared by the fixed margin
+
+
+class Move(Enum):
+    """What a promotion did with one alias."""
+    MOVED = "moved"  # it points at the promoted version now
+    STAYED = "stayed"  # it stays on the version it pointed at (or on none)
+    KEPT = "kept"  # it pointed at the promoted version already
+
+
+@dataclass(frozen=True)
+class AliasOutcome:
+    move: Move
+    why: str
+    verdict: Verdict | None = None  # the comparison that decided it, when two figures were compared
+    over: str = ""  # the version it pointed at before ('' when none)
+
+    def __str__(self) -> str:  # as promotion.json, the version's champion.decision and the stage's output say it
+        return f"{self.move.value}: {self.why}"
 
 
 def compare(ref: Figure, cand: Figure, p: PromoteParams, seed: int) -> Verdict:
@@ -134,6 +154,36 @@ def doc_scores(paths: RungPaths) -> DocScores | None:
     return paired.load(paths.doc_scores, f"evaluate@{paths.rung}") if paths.doc_scores.exists() else None
 
 
+def eval_outputs(paths: RungPaths) -> tuple[dict[str, Any], DocScores | None]:
+    """A rung's test figures (metrics/eval/<rung>.json) and their per-document scores, as one evaluation's:
+    evaluate writes the scores first and the figures then, naming the scores' sha256 (paired.SCORES_FILE_SHA256),
+    so a pair from two evaluations (a kill between the writes, a file restored alone) is one line, never a gate
+    on one evaluation's documents and another's figure. Figures from before that name none must still equal
+    the scores' sum."""
+    stage = f"evaluate@{paths.rung}"
+    metrics = load_json(paths.eval_metrics, stage)
+    if not isinstance(metrics, dict):
+        raise UserError(f"{paths.eval_metrics}: not a JSON object (damaged?); {dvc_fix(stage)}")
+    named = metrics.pop(paired.SCORES_FILE_SHA256, None)
+    if named is not None and not paths.doc_scores.exists():
+        raise UserError(f"{paths.doc_scores} is missing, though {paths.eval_metrics} was written with it; "
+                        f"{dvc_fix(stage)}")
+    if named is not None and sha256_file(paths.doc_scores) != named:
+        raise UserError(f"{paths.doc_scores} is not the file {paths.eval_metrics} was written with: they are from "
+                        f"two evaluations; {dvc_fix(stage)}")
+    scores = doc_scores(paths)
+    if scores is not None:
+        same_evaluation(scores, metrics.get(GATE_METRIC), paths.doc_scores, paths.eval_metrics, dvc_fix(stage))
+    return metrics, scores
+
+
+def same_evaluation(scores: DocScores, bpb: Any, scores_path: Path, figure_path: Path, fix: str) -> None:
+    """Per-document scores sum to the figure they were kept with (a micro-bit per document of rounding)."""
+    if isinstance(bpb, (int, float)) and abs(scores.bpb - bpb) > 1e-6:
+        raise UserError(f"{scores_path} gives {scores.bpb:.6f}, {figure_path} {bpb:.6f}: they are from two "
+                        f"evaluations; {fix}")
+
+
 def reference(params: Params, rung: str, root: Path) -> tuple[str | None, dict | None, list[str]]:
     """The nearest promoted ancestor and its decision (promotion.json), and the rejected ancestors passed on the way."""
     passed = []
@@ -148,14 +198,17 @@ def reference(params: Params, rung: str, root: Path) -> tuple[str | None, dict |
 
 
 def ancestor_figure(ancestor: str, promo: dict, root: Path) -> Figure:
-    """The nearest promoted ancestor's figure, with its per-document scores when it has them."""
+    """The nearest promoted ancestor's figure, with its per-document scores when it has them. One decided on
+    per-document scores (promotion.json names them) that are now missing is one line, not the fixed margin."""
     paths = RungPaths(root, ancestor)
     bpb = promo["test_bpb"]
     refuse_non_finite(ancestor, paths.promotion, {"test_bpb": bpb})
+    fix = f"rerun `dvc repro promote@{ancestor}`"
     scores = doc_scores(paths)
-    if scores is not None and abs(scores.bpb - bpb) > 1e-6:
-        raise UserError(f"{paths.doc_scores} gives {scores.bpb:.6f}, {paths.promotion} {bpb:.6f}: they are from two "
-                        f"evaluations; rerun `dvc repro promote@{ancestor}`")
+    if scores is None and promo.get("test_docs_sha256"):
+        raise UserError(f"{paths.doc_scores} is missing, though {paths.promotion} was decided on it; {fix}")
+    if scores is not None:
+        same_evaluation(scores, bpb, paths.doc_scores, paths.promotion, fix)
     return Figure(ancestor, bpb, promo.get("metric", GATE_METRIC), scores)
 
 
@@ -164,10 +217,9 @@ def decide(params: Params, rung: str, root: Path = Path(".")) -> Decision:
     none: the unigram baseline by promote.baseline_margin), and stays under promote.max_bpb when that is set."""
     p = params.promote
     paths = RungPaths(root, rung)
-    metrics = load_json(paths.eval_metrics, f"evaluate@{rung}")
+    metrics, scores = eval_outputs(paths)
     bpb = metrics.get(GATE_METRIC)
     refuse_non_finite(rung, paths.eval_metrics, {GATE_METRIC: bpb, "unigram_bpb": metrics.get("unigram_bpb")})
-    scores = doc_scores(paths)
     if scores is not None:
         refuse_non_finite(rung, paths.doc_scores, {f"{scores.metric} summed over its documents": scores.bpb})
     ref_rung, ref_promo, passed = reference(params, rung, root)
@@ -223,7 +275,7 @@ def alias_rule(alias: str, cand: Figure, current: Figure | None, p: PromoteParam
 
 
 def exp_alias(name: str) -> str:
-    return "exp-" + re.sub(r"[^\w-]", "-", name)[:200]
+    return EXPERIMENT_ALIAS + re.sub(r"[^\w-]", "-", name)[:200]
 
 
 def check_checkpoint(paths: RungPaths, header: dict[str, Any], run_id: str, seq_len: int) -> str:
@@ -312,82 +364,153 @@ def figure_tags(d: Decision) -> dict[str, str]:
 
 def held_figure(client, name: str, held: dict[str, Any]) -> Figure:
     """The figure of the version an alias points at, with its per-document scores when it keeps them."""
-    from mmrec.registry import models as registry
-
-    raw = registry.doc_scores(client, name, held["version"]) if held["docs_sha256"] else None
-    scores = DocScores.from_dict(raw, f"{name} v{held['version']} {registry.DOC_SCORES}") if raw else None
+    scores = stored_scores(client, name, held) if held["docs_sha256"] else None
     bpb = math.nan if held["test_bpb"] is None else held["test_bpb"]
     return Figure(f"v{held['version']}", bpb, held["metric"], scores, held["data_sha256"])
 
 
+def stored_scores(client, name: str, held: dict[str, Any]) -> DocScores:
+    """The per-document scores a version's tags claim (test_docs_sha256), as its logged model holds them. One that
+    does not hold them, or holds others, is one line naming the fix: never compared by the fixed margin instead,
+    which passes gains the paired test refuses."""
+    scores, problem = check_stored(client, name, held)
+    if scores is None:
+        rung = held["rung"] or "<its rung>"
+        raise UserError(f"{problem}, though the version claims per-document scores: rerun `dvc repro -f "
+                        f"promote@{rung}` where its weights are (it stores them again), or delete the version's tag "
+                        "test_docs_sha256 to compare it by the fixed margin")
+    return scores
+
+
+def check_stored(client, name: str, held: dict[str, Any]) -> tuple[DocScores | None, str]:
+    """(the scores a version claims, '') when its logged model holds them, else (None, what is wrong)."""
+    from mmrec.registry import models as registry
+
+    where = f"{name} v{held['version']} {registry.DOC_SCORES}"
+    try:
+        scores = DocScores.from_dict(registry.doc_scores(client, name, held["version"]), where)
+    except UserError as err:  # registry.MissingScores, or a damaged file
+        return None, str(err)
+    if scores.digest != held["docs_sha256"]:
+        return None, f"{where} holds other documents than its tag test_docs_sha256 names"
+    if held["test_bpb"] is not None and abs(scores.bpb - held["test_bpb"]) > 1e-6:
+        return None, f"{where} gives {scores.bpb:.6f}, its tag test_bpb {held['test_bpb']:.6f}"
+    return scores, ""
+
+
+def version_tags(client, run_id: str, d: Decision, params: Params) -> dict[str, str]:
+    """Where a promoted version comes from: its rung's run, commit, data, tokenizer, params and weights."""
+    run_tags = client.get_run(run_id).data.tags
+    return {"rung": d.rung, "dvc_exp_name": d.dvc_exp_name, "git_commit": run_tags.get("git_commit", ""),
+            "data_sha256": d.data_sha256, "tokenizer_sha256": run_tags.get("tokenizer_sha256", ""),
+            "params_hash": run_tags.get("params_hash", params.digest()), "checkpoint_sha256": d.checkpoint_sha256,
+            "arch": run_tags.get("arch", params.model.arch), "promote.reason": d.reason}
+
+
 def publish(run, d: Decision, params: Params, paths: RungPaths) -> None:
-    """Register the promoted checkpoint (once) and move its aliases; fills in d's registry fields."""
+    """Register the promoted checkpoint (once) and move its aliases; fills in d's registry fields. The weights are
+    uploaded first; then, holding the registry's lease (registry/lease.py), the version is registered (or the one
+    holding the same weights reused) and each alias read, compared with and moved, one promotion at a time."""
+    from mmrec.registry import lease
     from mmrec.registry import models as registry
     from mmrec.tracking import run as track
 
-    p, c, rung = params.promote, run.store.waiting(), d.rung  # every registry call waits on a locked store
-    name = d.registered_model = p.registered_model
-    run_tags = c.get_run(run.id).data.tags
-    tags = {"rung": rung, "dvc_exp_name": d.dvc_exp_name,
-            "git_commit": run_tags.get("git_commit", ""), "data_sha256": d.data_sha256,
-            "tokenizer_sha256": run_tags.get("tokenizer_sha256", ""),
-            "params_hash": run_tags.get("params_hash", params.digest()), "checkpoint_sha256": d.checkpoint_sha256,
-            "arch": run_tags.get("arch", params.model.arch), "promote.reason": d.reason}
-    metrics = load_json(paths.eval_metrics, f"evaluate@{rung}")
-    scores = doc_scores(paths)
-    on = f" on {scores.describe()}" if scores is not None else ""
-    with registry.locked(c.tracking_uri):
-        version = registry.with_checkpoint(c, name, d.checkpoint_sha256)
+    client = run.store.waiting()  # every registry call waits on a locked store
+    name = d.registered_model = params.promote.registered_model
+    tags = version_tags(client, run.id, d, params)
+    metrics, scores = eval_outputs(paths)
+
+    def log_model() -> str:
+        return registry.log_model(run, paths.best, paths.tokenizer, metrics=track.test_metric_names(metrics),
+                                  doc_scores=paths.doc_scores if scores is not None else None)
+
+    logged = log_model() if registry.with_checkpoint(client, name, d.checkpoint_sha256) is None else None
+    aliases = [registry.CHAMPION, d.rung]
+    with lease.held(client, name, params.mlflow.lock_timeout_s):
+        # again: a promote beside this one may have registered the same weights meanwhile (our logged model then
+        # has no version, and goes with mmrec/pipeline/cleanup.py once this process has ended)
+        version = registry.with_checkpoint(client, name, d.checkpoint_sha256)
+        # what the aliases point at, read before anything is registered: a holder that claims per-document
+        # scores it does not hold stops the promotion here
+        current = {alias: registry.holder(client, name, alias) for alias in aliases}
+        figures = {held["version"]: held_figure(client, name, held) for held in current.values()
+                   if held is not None and held["version"] != version}
         if version is None:
+            on = f" on {scores.describe()}" if scores is not None else ""
             where = f"dvc exp {d.dvc_exp_name}" if d.dvc_exp_name else "dvc repro"
-            description = (f"{rung} ({tags['arch']}): test {d.test_bpb:.4f} bits/byte{on}, {d.reason}; "
+            description = (f"{d.rung} ({tags['arch']}): test {d.test_bpb:.4f} bits/byte{on}, {d.reason}; "
                            f"{where} at {tags['git_commit'][:8]}, data {d.data_sha256[:12]}")
-            version = registry.register(run, name, paths.best, paths.tokenizer, tags=tags | figure_tags(d),
-                                        description=description, metrics=track.test_metric_names(metrics))
-            if scores is not None:
-                registry.keep_doc_scores(c, name, version, paths.doc_scores, {})
+            version = registry.register(run, name, logged or log_model(), tags=tags | figure_tags(d),
+                                        description=description)
             d.version_figure = f"v{version} registered with this figure{on}"
         else:
-            registry.set_tags(c, name, version, tags)  # a rerun on the same weights: where it ran now
-            held = registry.version_figure(c, c.get_model_version(name, version))
-            if scores is not None and scores.whole_split and not held["whole_split"]:
-                registry.keep_doc_scores(c, name, version, paths.doc_scores, figure_tags(d))
-                d.version_figure = f"v{version} takes this figure{on} as its reference"
-            else:  # a subset never replaces a version's figure, nor one whole split another
-                kept = "none" if held["test_bpb"] is None else f"{held['metric']} {held['test_bpb']:.4f}"
-                d.version_figure = (f"v{version} keeps its reference figure ({kept}"
-                                    f"{', the whole test split' if held['whole_split'] else ''}); this one{on} is "
-                                    "in promotion.json only")
+            registry.set_tags(client, name, version, tags)  # a rerun on the same weights: where it ran now
+            d.version_figure = reuse_figure(client, name, version, d, scores, paths)
         d.model_version = version
-        cand = Figure(f"v{version}", d.test_bpb, d.metric, scores, d.data_sha256)
-        shown = gain_tags("", d.gain, d.gain_low, d.gain_high, d.confidence) | {"gain_over": d.compared_to}
-        for alias in [registry.CHAMPION, rung]:
-            current = registry.holder(c, name, alias)
-            if current is not None and current["version"] == version:
-                d.aliases[alias] = f"kept: v{version} is {alias} already"
-                continue
-            moved, why, verdict = alias_rule(alias, cand, None if current is None else held_figure(c, name, current),
-                                             p, params.seed)
-            if moved and alias == registry.CHAMPION:
-                registry.move_champion(c, name, version, f"{registry.who()} via promote@{rung}", why)
-            elif moved:
-                c.set_registered_model_alias(name, alias, version)
-            d.aliases[alias] = f"{'moved' if moved else 'stayed'}: {why}"
-            if alias == registry.CHAMPION and verdict is not None and verdict.gain is not None:
-                g = verdict.interval
-                d.champion_gain = verdict.gain
-                d.champion_gain_low, d.champion_gain_high = (g.low, g.high) if g else (None, None)
-                # the version shows the comparison that decided champion rather than the gate's
-                shown = gain_tags("", verdict.gain, d.champion_gain_low, d.champion_gain_high,
-                                  g.confidence if g else None) | {"gain_over": f"v{current['version']}"}
+        candidate = Figure(f"v{version}", d.test_bpb, d.metric, scores, d.data_sha256)
+        outcomes = {alias: settle_alias(client, name, alias, version, candidate, current[alias], figures, params,
+                                        d.rung) for alias in aliases}
         if d.dvc_exp_name:
-            alias = exp_alias(d.dvc_exp_name)
-            c.set_registered_model_alias(name, alias, version)
-            d.aliases[alias] = "moved: the experiment's own alias"
-        d.champion = not d.aliases[registry.CHAMPION].startswith("stayed")
-        d.champion_reason = d.aliases[registry.CHAMPION]
-        if not d.aliases[registry.CHAMPION].startswith("kept"):
-            for key in ["gain", "gain_low", "gain_high", "confidence"]:  # a fixed-margin figure has no interval
-                shown.setdefault(key, "")
-            registry.set_tags(c, name, version, shown)
-        registry.set_tags(c, name, version, {"champion.decision": d.champion_reason})
+            client.set_registered_model_alias(name, exp_alias(d.dvc_exp_name), version)
+            outcomes[exp_alias(d.dvc_exp_name)] = AliasOutcome(Move.MOVED, "the experiment's own alias")
+        d.aliases = {alias: str(outcome) for alias, outcome in outcomes.items()}
+        record_champion(client, name, version, d, outcomes[registry.CHAMPION])
+
+
+def reuse_figure(client, name: str, version: str, d: Decision, scores: DocScores | None, paths: RungPaths) -> str:
+    """A rerun on a version's weights: whether the version takes this figure as its reference (it had none on the
+    whole split, or lost the per-document scores it claims) or keeps its own; in words for promotion.json."""
+    from mmrec.registry import models as registry
+
+    held = registry.version_figure(client, client.get_model_version(name, version))
+    on = f" on {scores.describe()}" if scores is not None else ""
+    lost = ""
+    if scores is not None and scores.whole_split and held["docs_sha256"]:
+        lost = check_stored(client, name, held)[1]
+    if scores is not None and scores.whole_split and (lost or not held["whole_split"]):
+        registry.keep_doc_scores(client, name, version, paths.doc_scores, figure_tags(d))  # the scores, then tags
+        return f"v{version} takes this figure{on} as its reference" + (f", in place of the one it lost ({lost})"
+                                                                         if lost else "")
+    # a subset never replaces a version's figure, nor one whole split another
+    kept = "none" if held["test_bpb"] is None else f"{held['metric']} {held['test_bpb']:.4f}"
+    return (f"v{version} keeps its reference figure ({kept}{', the whole test split' if held['whole_split'] else ''}); "
+            f"this one{on} is in promotion.json only")
+
+
+def settle_alias(client, name: str, alias: str, version: str, candidate: Figure, current: dict[str, Any] | None,
+                 figures: dict[str, Figure], params: Params, rung: str) -> AliasOutcome:
+    """Compare the candidate with the version `alias` points at (`current`, its figure in `figures`) by
+    alias_rule, and move the alias if it wins. The caller holds the registry's lease: nothing moves it meanwhile."""
+    from mmrec.procs import user
+    from mmrec.registry import models as registry
+
+    if current is not None and current["version"] == version:
+        return AliasOutcome(Move.KEPT, f"v{version} is {alias} already", over=version)
+    held = None if current is None else figures[current["version"]]
+    moved, why, verdict = alias_rule(alias, candidate, held, params.promote, params.seed)
+    if moved and alias == registry.CHAMPION:
+        registry.move_champion(client, name, version, f"{user()} via promote@{rung}", why)
+    elif moved:
+        client.set_registered_model_alias(name, alias, version)
+    return AliasOutcome(Move.MOVED if moved else Move.STAYED, why, verdict, current["version"] if current else "")
+
+
+def record_champion(client, name: str, version: str, d: Decision, champion: AliasOutcome) -> None:
+    """d's champion fields; on the version, the decision and the comparison that decided champion for it (the
+    gate's when no version held champion to compare with)."""
+    from mmrec.registry import models as registry
+
+    d.champion = champion.move is not Move.STAYED
+    d.champion_reason = str(champion)
+    shown = gain_tags("", d.gain, d.gain_low, d.gain_high, d.confidence) | {"gain_over": d.compared_to}
+    verdict = champion.verdict
+    if verdict is not None and verdict.gain is not None:
+        g = verdict.interval
+        d.champion_gain = verdict.gain
+        d.champion_gain_low, d.champion_gain_high = (g.low, g.high) if g else (None, None)
+        shown = gain_tags("", verdict.gain, d.champion_gain_low, d.champion_gain_high,
+                          g.confidence if g else None) | {"gain_over": f"v{champion.over}"}
+    tags = {"champion.decision": d.champion_reason}
+    if champion.move is not Move.KEPT:  # a fixed-margin figure has no interval: clear the one shown before
+        tags = dict.fromkeys(["gain", "gain_low", "gain_high", "confidence"], "") | shown | tags
+    registry.set_tags(client, name, version, tags)

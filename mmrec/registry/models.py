@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import getpass
 import logging
 import shutil
 import sys
@@ -25,7 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from mmrec.errors import UserError, exits_cleanly
-from mmrec.paths import GATE_METRIC, GATE_METRIC_NAME
+from mmrec.paths import CHAMPION, GATE_METRIC, GATE_METRIC_NAME
 from mmrec.sources import PACKAGE, closure, module_file, with_parents
 
 # predict's params: default, lowest and highest allowed value. The signature carries the defaults;
@@ -37,7 +36,6 @@ GENERATION: dict[str, tuple[int | float, int | float, int | float]] = {
     "seed": (0, 0, 2**32 - 1),  # sampling is reproducible: prompt i draws from seed + i
 }
 DEFAULTS = {name: spec[0] for name, spec in GENERATION.items()}
-CHAMPION = "champion"
 
 
 def generation_params(params: dict[str, Any] | None) -> dict[str, Any]:
@@ -94,15 +92,16 @@ def served_modules() -> set[str]:
             *closure(here, top_level_only=True), *closure(PACKAGE / "model/inference.py", top_level_only=True)}
 
 
-def register(run, name: str, checkpoint: Path, tokenizer: Path, *, tags: dict[str, str], description: str,
-             metrics: dict[str, float]) -> str:
-    """Log the checkpoint as a pyfunc model of `run` carrying `metrics`, register it as a new version of `name`
-    linked to that logged model, with `tags` and a one-line `description`. Returns the version number."""
+def log_model(run, checkpoint: Path, tokenizer: Path, *, metrics: dict[str, float],
+              doc_scores: Path | None) -> str:
+    """Log the checkpoint as a pyfunc model of `run` carrying `metrics` and, beside its MLmodel, the per-document
+    scores (DOC_SCORES): everything a version claims is stored before any version exists. Returns its model id."""
     from mmrec.procs import owner
     from mmrec.tracking.store import fluent_store
     from mmrec.tracking.run import OWNER_TAG
 
     logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)  # the pickled wrapper is stateless: no warning
+    logging.getLogger("mlflow.models.signature").setLevel(logging.WARNING)  # "running predict on the example"
     call = run.store.call  # each store call waits on a locked store, within mlflow.lock_timeout_s
     with fluent_store(run.client.tracking_uri), _served_code() as code:
         call(mlflow.start_run, run_id=run.id)  # the logged model belongs to the run
@@ -112,12 +111,24 @@ def register(run, name: str, checkpoint: Path, tokenizer: Path, *, tags: dict[st
                 input_example=(["In the beginning"], DEFAULTS),  # input and params: the signature and its defaults
                 artifacts={"checkpoint": str(checkpoint), "tokenizer": str(tokenizer)},
                 pip_requirements=[f"{p}=={_version(p)}" for p in ("torch", "sentencepiece", "numpy", "pydantic")],
-                tags={OWNER_TAG: owner()})  # a kill before the version below leaves it to mmrec/pipeline/cleanup.py
+                tags={OWNER_TAG: owner()})  # a kill before it has a version leaves it to mmrec/pipeline/cleanup.py
             call(mlflow.log_metrics, metrics, model_id=info.model_id)
         finally:
             call(mlflow.end_run)
+    if doc_scores is not None:
+        call(_store_doc_scores, run.client, info.model_id, doc_scores)
+    return info.model_id
+
+
+def register(run, name: str, model_id: str, *, tags: dict[str, str], description: str) -> str:
+    """Register a logged model as a new version of `name`, with `tags` (set as it is created) and a one-line
+    `description`. Returns the version number."""
+    from mmrec.tracking.store import fluent_store
+
+    call = run.store.call
+    with fluent_store(run.client.tracking_uri):
         # through models:/<model_id>, so the version knows its logged model and the model lists the version
-        version = call(mlflow.register_model, info.model_uri, name, tags=tags | {"model_id": info.model_id}).version
+        version = call(mlflow.register_model, f"models:/{model_id}", name, tags=tags | {"model_id": model_id}).version
     call(run.client.update_model_version, name, version, description=description)
     return str(version)
 
@@ -143,21 +154,6 @@ def _version(package: str) -> str:
     return version(package)
 
 
-@contextlib.contextmanager
-def locked(tracking_uri: str) -> Iterator[None]:
-    """One promotion at a time reads and moves the aliases: queued experiments promote concurrently."""
-    from mmrec.tracking.store import local_store
-
-    store = local_store(tracking_uri)
-    if store is None or not tracking_uri.startswith("sqlite:"):
-        yield  # a server: its own transactions are all we have
-        return
-    from filelock import FileLock
-
-    with FileLock(f"{store}.registry.lock"):
-        yield
-
-
 def versions(client, name: str) -> list:
     """Every version of `name`, oldest first (none when the model is not registered)."""
     return sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
@@ -179,7 +175,7 @@ def holder(client, name: str, alias: str) -> dict[str, Any] | None:
 
 def version_figure(client, v) -> dict[str, Any]:
     """A version's reference figure: its number, test bits per byte, the metric they are, the test split (data
-    sha256) and, when it keeps per-document scores, their document set and whether it is the whole split."""
+    sha256), when it keeps per-document scores their document set and whether it is the whole split; its rung."""
     bpb, data, metric = v.tags.get("test_bpb"), v.tags.get("data_sha256", ""), v.tags.get("gate_metric", "")
     if (bpb is None or not metric) and v.run_id:  # registered before versions were tagged so: the run tells
         run = client.get_run(v.run_id).data
@@ -188,7 +184,7 @@ def version_figure(client, v) -> dict[str, Any]:
         metric = metric or _legacy_metric(run.metrics, bpb)
     return {"version": str(v.version), "test_bpb": None if bpb is None else float(bpb), "data_sha256": data,
             "metric": metric or "test_bpb", "docs_sha256": v.tags.get("test_docs_sha256", ""),
-            "whole_split": v.tags.get("test_whole_split") == "true"}
+            "whole_split": v.tags.get("test_whole_split") == "true", "rung": v.tags.get("rung", "")}
 
 
 def _legacy_metric(run_metrics: dict[str, float], bpb: Any) -> str:
@@ -203,39 +199,50 @@ def _legacy_metric(run_metrics: dict[str, float], bpb: Any) -> str:
 DOC_SCORES = "test_docs.json"  # a version's per-document test scores, in its logged model beside MLmodel
 
 
-def keep_doc_scores(client, name: str, version: str, path: Path, tags: dict[str, str]) -> None:
-    """Give a version its reference figure: per-document scores (as DOC_SCORES in its logged model) and `tags`."""
+def _store_doc_scores(client, model_id: str, path: Path) -> None:
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / DOC_SCORES
         shutil.copyfile(path, copy)
-        client.log_model_artifact(client.get_model_version(name, version).tags["model_id"], str(copy))
+        client.log_model_artifact(model_id, str(copy))
+
+
+def keep_doc_scores(client, name: str, version: str, path: Path, tags: dict[str, str]) -> None:
+    """Give a version its reference figure: per-document scores (as DOC_SCORES in its logged model), then `tags`,
+    which claim them."""
+    _store_doc_scores(client, client.get_model_version(name, version).tags["model_id"], path)
     set_tags(client, name, version, tags)
 
 
-def doc_scores(client, name: str, version: str) -> dict[str, Any] | None:
-    """A version's per-document test scores as stored (see paired.DocScores), or None when it keeps none (or they
-    are gone or damaged: it is compared as a version without them)."""
-    from mmrec.tracking.run import json_artifact
+class MissingScores(UserError):
+    """A version claims per-document scores (its tag test_docs_sha256) that its logged model does not hold."""
+
+
+def doc_scores(client, name: str, version: str) -> dict[str, Any]:
+    """A version's per-document test scores as stored (see paired.DocScores). MissingScores when its logged model
+    holds none or a damaged copy; a store that cannot be reached raises as such (never: "it has none")."""
+    import json
+    import tempfile
 
     model_id = client.get_model_version(name, version).tags.get("model_id")
     if not model_id:
-        return None
+        raise MissingScores(f"{name} v{version} names no logged model (tag model_id)")
+    if DOC_SCORES not in {a.path for a in client.list_logged_model_artifacts(model_id)}:
+        raise MissingScores(f"{name} v{version}'s logged model {model_id} holds no {DOC_SCORES}")
     location = client.get_logged_model(model_id).artifact_location
-    return json_artifact(f"{location}/{DOC_SCORES}", client.tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"{location}/{DOC_SCORES}", dst_path=tmp,
+                                                    tracking_uri=client.tracking_uri)
+        try:
+            return json.loads(Path(local).read_text())
+        except ValueError:
+            raise MissingScores(f"{name} v{version}'s {DOC_SCORES} is not JSON (damaged?)") from None
 
 
 def set_tags(client, name: str, version: str, tags: dict[str, Any]) -> None:
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, str(value))
-
-
-def who() -> str:
-    try:
-        return getpass.getuser()
-    except (OSError, KeyError):  # no login name (some containers)
-        return "unknown"
 
 
 def move_champion(client, name: str, version: str, by: str, reason: str) -> None:
@@ -314,7 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from mlflow import MlflowClient
 
-    from mmrec.config import PARAMS_FILE, load_params
+    from mmrec.config import PARAMS_FILE, Params, load_params
+    from mmrec.procs import user
+    from mmrec.registry import lease
     from mmrec.tracking.store import store_settings
 
     if args.command == "export":  # export.py; a checkpoint file needs no store, an alias or a version opens it below
@@ -324,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
             print(export(None, "", args.source, args.dir))
             return 0
     uri, _ = store_settings(args.tracking_uri, None)
-    name = args.model or (load_params().promote.registered_model if PARAMS_FILE.exists() else "mmrec")
+    params = load_params() if PARAMS_FILE.exists() else Params()
+    name = args.model or params.promote.registered_model
     client = MlflowClient(uri, uri)
     if args.command == "export":  # before the versions check, whose line says less
         print(export(client, name, args.source, args.dir))
@@ -336,17 +346,17 @@ def main(argv: list[str] | None = None) -> int:
         print(table(client, name))
         return 0
     numbers = [str(v.version) for v in known]
-    current = holder(client, name, CHAMPION)
-    target = args.version
-    if target is None:  # rollback: the version the current champion replaced
-        previous = client.get_model_version(name, current["version"]).tags.get("champion.previous") if current else ""
-        if not previous:
-            raise UserError(f"{name}@{CHAMPION} records no earlier champion; use --to VERSION")
-        target = previous
-    if target not in numbers:
-        raise UserError(f"{name} has no version {target!r}; it has: {', '.join(numbers)}")
-    with locked(uri):
-        move_champion(client, name, target, f"{who()} via {args.command}", args.reason)
+    with lease.held(client, name, params.mlflow.lock_timeout_s):  # no promote moves champion meanwhile
+        current = holder(client, name, CHAMPION)
+        target = args.version
+        if target is None:  # rollback: the version the current champion replaced
+            previous = current and client.get_model_version(name, current["version"]).tags.get("champion.previous")
+            if not previous:
+                raise UserError(f"{name}@{CHAMPION} records no earlier champion; use --to VERSION")
+            target = previous
+        if target not in numbers:
+            raise UserError(f"{name} has no version {target!r}; it has: {', '.join(numbers)}")
+        move_champion(client, name, target, f"{user()} via {args.command}", args.reason)
     was = f" (was v{current['version']})" if current else ""
     print(f"{name}@{CHAMPION} -> v{target}{was}: {args.reason}")
     return 0

@@ -8,7 +8,6 @@ whole story (params, curves, test metrics, the gate) sits in one place in `mlflo
 from __future__ import annotations
 
 import contextlib
-import getpass
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ from mmrec.config import DataParams, MlflowParams  # noqa: E402
 from mmrec.errors import UserError  # noqa: E402
 from mmrec.files import dvc_fix, load_json  # noqa: E402
 from mmrec.paths import GATE_METRIC_NAME, SPLITS, test_metric_name  # noqa: E402
-from mmrec.procs import owner, owner_alive  # noqa: E402
+from mmrec.procs import owner, owner_alive, user  # noqa: E402
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 
@@ -63,13 +62,6 @@ def git(*args: str) -> str:
 
 def git_commit() -> str:
     return git("rev-parse", "HEAD") or "unknown"
-
-
-def user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # a container uid without a passwd entry
-        return str(os.getuid())
 
 
 def workspace() -> str:

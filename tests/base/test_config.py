@@ -34,6 +34,19 @@ GAPS_BEFORE_ISSUE_19 = [
     ({"train": {"seq_len": 32}, "evaluate": {"max_tokens": 32}}, "at least train.seq_len + 1 = 33"),
 ]
 
+# Each passed validation; promote then registered the version, moved champion and failed on the rung's alias,
+# and so did every rerun (v<digits>, latest), or the rung's alias and champion were one (champion, exp-<name>).
+ALIAS = "cannot be the rung's registry alias: "
+GAPS_BEFORE_ISSUE_24 = [
+    ({"ladder": {"v2": {"width": 64, "layers": 1}}},
+     f"rung name 'v2' {ALIAS}MLflow reserves v<digits> and 'latest' as names of versions; rename the rung"),
+    ({"ladder": {"tiny": {"width": 64, "layers": 1}, "v10": {"width": 64, "layers": 1}}}, f"rung name 'v10' {ALIAS}"),
+    ({"ladder": {"latest": {"width": 64, "layers": 1}}}, f"rung name 'latest' {ALIAS}"),
+    ({"ladder": {"champion": {"width": 64, "layers": 1}}},
+     f"rung name 'champion' {ALIAS}'champion' is the alias of the best version of any rung"),
+    ({"ladder": {"exp-a": {"width": 64, "layers": 1}}}, f"rung name 'exp-a' {ALIAS}'exp-<name>' is the alias"),
+]
+
 
 @pytest.mark.parametrize("raw, expected", [
     ({"train": {"lr": -1}}, "train.lr = -1"),
@@ -66,6 +79,7 @@ GAPS_BEFORE_ISSUE_19 = [
     ({"train": {"nnodes": 2, "rdzv_endpoint": "node0"}}, "train.rdzv_endpoint = 'node0': must be host:port"),
     ({"train": {"rdzv_endpoint": "node0:65536"}}, "train.rdzv_endpoint = 'node0:65536': must be host:port"),
     *GAPS_BEFORE_ISSUE_19,
+    *GAPS_BEFORE_ISSUE_24,
 ])
 def test_bad_values_name_the_dotted_key(raw, expected):
     with pytest.raises(ParamsError) as err:
@@ -137,7 +151,7 @@ def test_a_rung_may_override_the_weight_average_and_defaults_to_train_ema_decay(
         parse_params({"ladder": {"mini": {"width": 256, "layers": 6, "ema_decay": 1.0}}})
 
 
-@pytest.mark.parametrize("raw, expected", GAPS_BEFORE_ISSUE_19)
+@pytest.mark.parametrize("raw, expected", GAPS_BEFORE_ISSUE_19 + GAPS_BEFORE_ISSUE_24)
 def test_the_validate_stage_refuses_each_gap_in_one_line_and_marks_nothing_valid(tmp_path, raw, expected):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     proc = subprocess.run([sys.executable, str(REPO / "stages" / "validate.py")], cwd=tmp_path,

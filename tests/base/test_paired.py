@@ -64,18 +64,36 @@ def test_equal_gains_on_every_document_give_an_interval_of_one_point():
 
 
 def test_the_bootstrap_is_seeded_and_bounded_in_memory_whatever_the_split(monkeypatch):
-    rng = np.random.default_rng(0)
-    n_bytes = rng.integers(50, 500, 300)
-    ref = scores(n_bytes * 1.5 + rng.normal(0, 20, 300), n_bytes)
-    cand = scores(n_bytes * 1.48 + rng.normal(0, 20, 300), n_bytes)
+    import tracemalloc
+
+    import mmrec.paired
+
+    def pair(n: int) -> tuple[DocScores, DocScores]:
+        rng = np.random.default_rng(0)
+        n_bytes = rng.integers(50, 500, n)
+        return (scores(n_bytes * 1.5 + rng.normal(0, 20, n), n_bytes),
+                scores(n_bytes * 1.48 + rng.normal(0, 20, n), n_bytes))
+
+    ref, cand = pair(300)
     one = paired_gain(ref, cand, 0.95, 2000, seed=7)
     assert one == paired_gain(ref, cand, 0.95, 2000, seed=7)
     assert one != paired_gain(ref, cand, 0.95, 2000, seed=8)
-    import mmrec.paired
 
     monkeypatch.setattr(mmrec.paired, "CELLS", 1000)  # 3 resamples a block instead of all 2000 at once
     small_blocks = paired_gain(ref, cand, 0.95, 2000, seed=7)
     assert small_blocks.mean == one.mean and abs(small_blocks.low - one.low) < 0.004
+
+    # 2000 resamples of 2000 documents: drawn at once, 4 M cells (32 MB of draws alone, 96 MB at the peak);
+    # in blocks of CELLS = 20,000 cells (10 resamples), what one block holds (about 0.5 MB) and the documents
+    monkeypatch.setattr(mmrec.paired, "CELLS", 20_000)
+    ref, cand = pair(2000)
+    tracemalloc.start()
+    try:
+        paired_gain(ref, cand, 0.95, 2000, seed=7)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 5_000_000, f"{peak / 1e6:.1f} MB at the peak"
 
 
 def test_documents_pair_by_id_in_any_order_and_tokenizer_bytes_do_not_matter():

@@ -151,8 +151,9 @@ def rung_with_checkpoint(root, params, rung, test_bpb, unigram_bpb=2.2, seed=0, 
                                                 "tokenizer_sha256": header["tokenizer_sha256"],
                                                 "params_hash": params.digest(), "arch": cfg.arch})
     run.end()
-    save_atomic({"model": build_model(cfg).state_dict(), "progress": {"step": 0}, "config": cfg.to_dict(),
-                 "run_id": run.id, "tokenizer_sha256": header["tokenizer_sha256"], "rung": rung}, paths.best)
+    save_atomic({"model": build_model(cfg).state_dict(), "progress": {"step": 0, "best_val": 5.0},
+                 "config": cfg.to_dict(), "run_id": run.id, "tokenizer_sha256": header["tokenizer_sha256"],
+                 "rung": rung}, paths.best)
     write(paths.run_file, {"run_id": run.id})
     write(paths.eval_metrics, {"test_bpb": test_bpb + 0.01, "test_bpb_context": test_bpb, "unigram_bpb": unigram_bpb,
                                "test_loss": 3.0})
@@ -185,6 +186,7 @@ def test_a_rejected_first_rung_leaves_the_next_to_the_baseline_margin(workdir):
     assert registry_state(params) == []
 
     write(workdir / "metrics/eval/mini.json", {"test_bpb": 1.26, "test_bpb_context": 1.25, "unigram_bpb": 2.2})
+    score_docs(workdir, "mini", 1.25)  # the figure and its documents are one evaluation's
     d = promote_rung(params, "mini", workdir)
     assert d.promoted and d.model_version == "1" and d.champion
     assert d.aliases == {"champion": "moved: champion pointed at no version",
@@ -424,3 +426,36 @@ def test_a_non_finite_figure_is_refused_with_one_line_before_anything_is_registe
     with pytest.raises(UserError, match=r"^tiny: test_bpb is nan in .*models/tiny/promotion.json"):
         promote_rung(params, "mini", workdir)
     assert [v for v, _, _ in registry_state(params)] == ["1"]
+
+
+def test_an_ancestor_decided_on_per_document_scores_that_are_gone_is_one_line_not_the_fixed_margin(workdir):
+    from mmrec.registry.gate import promote_rung
+
+    params = tiny_params(workdir, promote={"min_improvement": 0.01})
+    rung_with_checkpoint(workdir, params, "tiny", 1.5)
+    promote_rung(params, "tiny", workdir)
+    write(workdir / "metrics/eval/mini.json", {"test_bpb_context": 1.48, "unigram_bpb": 2.2})
+    score_docs(workdir, "mini", 1.48, jitter=[0.06 * (-1) ** i for i in range(11)])  # the paired test refuses it
+    (workdir / "metrics/eval/tiny.docs.json").unlink()
+    with pytest.raises(UserError) as err:
+        decide(params, "mini", workdir)
+    assert str(err.value).endswith("metrics/eval/tiny.docs.json is missing, though "
+                                   f"{workdir}/models/tiny/promotion.json was decided on it; rerun "
+                                   "`dvc repro promote@tiny`")
+
+
+def test_promote_refuses_a_figure_and_per_document_scores_from_two_evaluations(workdir):
+    from mmrec.pipeline.evaluate import evaluate_rung
+
+    params = tiny_params(workdir)
+    paths = rung_with_checkpoint(workdir, params, "tiny", 1.5, docs=False)
+    evaluate_rung(params, "tiny", workdir)
+    assert decide(params, "tiny", workdir).test_docs_sha256  # the pair evaluate wrote goes together
+    figures = paths.eval_metrics.read_bytes()
+    evaluate_rung(tiny_params(workdir, evaluate={"max_tokens": 600}), "tiny", workdir)
+    paths.eval_metrics.write_bytes(figures)  # killed between writing the new scores and the figures that go with them
+    with pytest.raises(UserError) as err:
+        decide(params, "tiny", workdir)
+    assert str(err.value) == (f"{paths.doc_scores} is not the file {paths.eval_metrics} was written with: they are "
+                              "from two evaluations; restore it with `dvc checkout --force evaluate@tiny` or rebuild "
+                              "it with `dvc repro -f evaluate@tiny`")

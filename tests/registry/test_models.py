@@ -83,15 +83,21 @@ def test_a_version_holds_the_weights_once_its_tags_and_a_link_to_its_logged_mode
             model.predict(["The king"], params=bad)
 
 
-def test_a_pickle_planted_in_a_version_never_runs_when_the_model_loads(workdir):
-    params = tiny_params(workdir)
+def first_version(workdir, params) -> tuple[MlflowClient, str, Path]:
+    """tiny promoted as v1 into a new store: the client, v1's logged model and the folder that holds its files."""
     rung_with_checkpoint(workdir, params, "tiny", 1.5)
     promote_rung(params, "tiny", workdir)
-    uri, c = store(params)
+    _, c = store(params)
     logged = c.get_logged_model(c.get_model_version("mmrec", "1").tags["model_id"])
+    return c, logged.model_id, Path(logged.artifact_location.removeprefix("file://"))
+
+
+def test_a_pickle_planted_in_a_version_never_runs_when_the_model_loads(workdir):
+    params = tiny_params(workdir)
+    _, _, folder = first_version(workdir, params)
     marker = workdir / "payload-ran"
-    plant_pickle(Path(logged.artifact_location.removeprefix("file://")) / "artifacts/best.pt", marker)
-    with fluent_store(uri), pytest.raises(Exception, match="cannot be read \\(UnpicklingError"):
+    plant_pickle(folder / "artifacts/best.pt", marker)
+    with fluent_store(tracking_uri(params.mlflow)), pytest.raises(Exception, match="cannot be read \\(UnpicklingError"):
         mlflow.pyfunc.load_model("models:/mmrec@champion")
     assert not marker.exists()
 
@@ -215,3 +221,47 @@ def test_champion_ends_on_the_better_experiment_through_dvc(project):
     assert promotion["champion_reason"].startswith("stayed: this figure is on a subset of the test split")
     assert c.get_model_version("mmrec", v).tags["test_bpb"] == by_exp["worse"].tags["test_bpb"]
     assert str(c.get_model_version_by_alias("mmrec", "champion").version) == str(by_exp["better"].version)
+
+
+def test_a_promote_stopped_as_it_stores_the_scores_leaves_no_version_claiming_them(workdir, monkeypatch):
+    from tests.registry.test_gate import registry_state
+
+    params = tiny_params(workdir)
+    rung_with_checkpoint(workdir, params, "tiny", 1.5)
+
+    def killed(*args, **kwargs):  # the kill, just as test_docs.json begins to upload
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(MlflowClient, "log_model_artifact", killed)
+        with pytest.raises(KeyboardInterrupt):
+            promote_rung(params, "tiny", workdir)
+    assert registry_state(params) == []  # nothing claims what was not stored
+
+    assert promote_rung(params, "tiny", workdir).model_version == "1"  # the rerun, as `dvc repro` makes it
+    rung_with_checkpoint(workdir, params, "mini", 1.3, seed=1)
+    d = promote_rung(params, "mini", workdir)
+    assert d.champion and d.champion_reason.startswith("moved: test_bpb_context 1.3000 gains 0.2000 (95% interval")
+
+
+def test_a_version_that_lost_its_scores_is_one_line_until_a_rerun_on_its_weights_stores_them_again(workdir):
+    from tests.registry.test_gate import run_stage
+
+    params = tiny_params(workdir)
+    c, model_id, folder = first_version(workdir, params)
+    (folder / "test_docs.json").unlink()  # as a promote killed between registering and storing them left it
+    rung_with_checkpoint(workdir, params, "mini", 1.3, seed=1)
+
+    proc = run_stage(workdir, params, "mini")
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: mmrec v1's logged model {model_id} holds no test_docs.json, though the "
+                           "version claims per-document scores: rerun `dvc repro -f promote@tiny` where its weights "
+                           "are (it stores them again)"), line
+    assert [str(v.version) for v in c.search_model_versions("name='mmrec'")] == ["1"]
+
+    d = promote_rung(params, "tiny", workdir)  # the rerun on v1's weights
+    assert d.model_version == "1" and d.version_figure.startswith(
+        "v1 takes this figure on the whole test split (11 documents) as its reference, in place of the one it lost")
+    d = promote_rung(params, "mini", workdir)
+    assert d.champion and d.champion_reason.startswith("moved: test_bpb_context 1.3000 gains 0.2000 (95% interval")
