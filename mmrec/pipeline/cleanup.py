@@ -5,7 +5,8 @@ files beside its outputs (data/.prepared.tmp-*, as large as the corpus), a logge
 version points at (a promote killed while it registered). A stage that DVC restores from its run-cache never
 runs at all. So every run, temp and logged model records the process that owns it (mmrec/procs.py); what
 names a process that is gone belongs to a dead attempt and goes, and what a live process owns (a queued
-experiment running beside this one, a stage started by hand) is left alone.
+experiment running beside this one, a stage started by hand) is left alone, as is what a process on another
+machine owns (a shared checkpoint_dir): only that machine can tell whether it still runs.
 """
 from __future__ import annotations
 
@@ -20,11 +21,16 @@ from mmrec.tracking.location import local_store, tracking_uri
 
 def clean_up(params: Params, root: Path = Path(".")) -> list[str]:
     """Remove the dead attempts' temp files under `root`, end their runs and delete their orphan logged models.
-    Returns one line per thing cleaned up (none when there was nothing)."""
-    lines = []
+    Returns one line per thing cleaned up (none when there was nothing), and one for all that processes on other
+    machines own, which it leaves."""
+    lines, elsewhere = [], []
     for top in (*OUTPUT_ROOTS, Path(params.train.checkpoint_dir)):  # an absolute checkpoint_dir: named whole
-        lines += [f"removed {p.relative_to(root) if p.is_relative_to(root) else p} (its writer is gone)"
-                  for p in sweep_tree(root / top)]
+        gone, theirs = sweep_tree(root / top)
+        lines += [f"removed {p.relative_to(root) if p.is_relative_to(root) else p} (its writer is gone)" for p in gone]
+        elsewhere += theirs
+    if elsewhere:  # once, however many
+        lines.append(f"left {len(elsewhere)} file(s) that processes on other machines own as they are (only those "
+                     f"machines can tell whether they still run), such as {elsewhere[0]}")
     if _nothing_in_store(params.mlflow):
         return lines
     from mmrec.tracking import run as track

@@ -14,7 +14,7 @@ from mmrec.pipeline import cleanup
 from mmrec import procs
 from mmrec.tracking.store import fluent_store
 from tests.conftest import dvc, edit_params, kill_tree, ran, synthetic_documents, tiny_params
-from tests.base.test_procs import a_dead_stamp
+from tests.base.test_procs import a_dead_stamp, another_machine
 
 
 def test_the_temps_of_dead_writers_go_and_nothing_else(tmp_path):
@@ -42,6 +42,24 @@ def test_a_dead_writers_temp_in_a_shared_checkpoint_folder_goes_and_is_named_who
     repo.mkdir()
     lines = cleanup.clean_up(tiny_params(repo, train={"checkpoint_dir": str(shared)}), repo)
     assert lines == [f"removed {stale} (its writer is gone)"] and not stale.exists()
+
+
+def test_what_processes_on_other_machines_own_in_a_shared_checkpoint_folder_is_left_with_one_line(tmp_path):
+    """Another machine's pid is no process of ours, live or dead: only that machine can tell (procs.tag)."""
+    shared, repo = tmp_path / "shared", tmp_path / "repo"
+    theirs = f"{a_dead_stamp()}.{another_machine()}"  # no process here has that pid now; there, it may run
+    left = [shared / f"tiny.gpu2.mmrec.0123abcd/.last.{theirs}-abcd.tmp.pt",
+            shared / f"mini.gpu2.mmrec.0123abcd/.best.{theirs}-efgh.tmp.pt"]
+    gone = shared / f"tiny.here.mmrec.4567cdef/.last.{a_dead_stamp()}.{procs.machine()}-ijkl.tmp.pt"
+    for path in [*left, gone]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    repo.mkdir()
+    lines = cleanup.clean_up(tiny_params(repo, train={"checkpoint_dir": str(shared)}), repo)
+    assert lines[:-1] == [f"removed {gone} (its writer is gone)"] and len(lines) == 2
+    assert lines[-1].startswith("left 2 file(s) that processes on other machines own as they are (only those "
+                                "machines can tell whether they still run), such as ")
+    assert all(p.exists() for p in left) and not gone.exists()
 
 
 def test_the_store_is_opened_only_when_it_may_hold_something_to_clean_up(tmp_path):
