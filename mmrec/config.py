@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from mmrec.errors import UserError
-from mmrec.paths import OUTPUT_ROOTS, taken_by
+from mmrec.paths import ATTEMPTS, OUTPUT_ROOTS, taken_by
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 PARAMS_FILE = Path("params.yaml")
@@ -177,6 +177,9 @@ class TrainParams(Section):
         if top and not Path(v).is_absolute() and Path(*top) in OUTPUT_ROOTS:
             raise ValueError(f"puts last.pt under {top[0]}/, where DVC keeps (and deletes) stage outputs; use a "
                              "folder outside data/, models/ and metrics/ (default: checkpoints)")
+        if top and not Path(v).is_absolute() and Path(*top) == ATTEMPTS:  # every save would rerun validate
+            raise ValueError(f"puts last.pt under {top[0]}/, the stages' markers that the validate stage depends "
+                             "on; use another folder (default: checkpoints)")
         return v
 
     @field_validator("rdzv_endpoint")

@@ -7,6 +7,9 @@ from pathlib import Path
 SPLITS = ("train", "val", "test")
 DATA, MODELS = Path("data"), Path("models")  # every stage's outputs live under these and METRICS (and checkpoints/)
 PARAMS_OK = Path("data/params.ok")  # written by the validate stage; every stage depends on it
+# Each stage's marker while it runs (mmrec/attempts.py); the validate stage depends on the folder, so that a stage
+# killed since the last `dvc repro` makes the next one clean up after it. Committed with a .gitignore of its own.
+ATTEMPTS = Path("attempts")
 RAW = Path("data/raw")
 PREPARED = Path("data/prepared")
 TOKENS = Path("data/tokens")

@@ -7,6 +7,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # mmrec is not pip-installed
 
 from mmrec.config import load_params  # noqa: E402
+from mmrec.attempts import marked  # noqa: E402
 from mmrec.errors import UserError, exits_cleanly  # noqa: E402
 from mmrec.files import replacing_dir, write_json  # noqa: E402
 from mmrec.memory import peak_rss_mb  # noqa: E402
@@ -18,6 +19,7 @@ SPEED = Path("metrics/speed/tokenizer.json")  # wall clock, apart from the repro
 
 
 @exits_cleanly
+@marked
 def main() -> None:
     params = load_params()
     for split in SPLITS:

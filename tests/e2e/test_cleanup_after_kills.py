@@ -110,19 +110,29 @@ def kill_when(cmd: list[str], root: Path, ready, what: str, timeout: float = 180
     proc.wait()
 
 
+UP_TO_DATE = "Data and pipelines are up to date."
+
+
 def test_a_forced_training_killed_before_its_checkpoint_is_restored_and_leaves_no_run_running(tokenized_project):
+    """The kill leaves the stage's marker in attempts/, which the validate stage depends on: `dvc status` is clean
+    after a clean run, and the next `dvc repro` after a kill runs validate, which cleans up (mmrec/attempts.py)."""
     root = tokenized_project
     edit_params(root, lambda p: p["train"].update(max_steps=400, eval_every=400))  # one checkpoint: at the end
     dvc(root, "repro", "train@tiny")  # the run-cache now holds this training
+    assert dvc(root, "status", "train@tiny").stdout.strip() == UP_TO_DATE
     kill_when(["dvc", "repro", "-f", "-s", "train@tiny"], root, lambda: "RUNNING" in statuses(root)["rung"],
               "its run opened")
     assert not (root / "checkpoints/tiny/last.pt").exists(), "the kill came after the first checkpoint"
     assert statuses(root) == {"rung": ["FINISHED", "RUNNING"], "pipeline": ["FINISHED", "RUNNING"]}
+    [marker] = (root / "attempts").glob("train@tiny.*")
+    assert dvc(root, "status", "validate").stdout.split() == ["validate:", "changed", "deps:", "modified:",
+                                                              "attempts"]
 
     out = dvc(root, "repro", "train@tiny")
     assert "Stage 'train@tiny' is cached - skipping run" in out.stdout and "train@tiny" not in ran(out.stdout)
     assert statuses(root) == {"rung": ["FINISHED", "KILLED"], "pipeline": ["FAILED", "FINISHED"]}
     assert out.stdout.count("cleaned up: ended MLflow run") == 2  # the rung's run and its pipeline's
+    assert not marker.exists() and dvc(root, "status", "train@tiny").stdout.strip() == UP_TO_DATE
 
 
 def test_a_download_killed_midway_leaves_no_temp_when_the_rerun_is_restored(project, tmp_path):
