@@ -33,10 +33,11 @@ PARAMS = deep_merge(TINY_PARAMS, {"train": {"nproc": 2, "max_steps": 120, "max_t
                                             "eval_every": 20}})
 
 
-def start(root, params=PARAMS):
+def start(root, params=PARAMS, env=None):
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return subprocess.Popen([sys.executable, str(REPO / "stages/train.py"), "tiny"], cwd=root, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, **(env or {})})
 
 
 def finish(proc) -> str:
@@ -99,6 +100,32 @@ def test_ctrl_c_stops_every_rank_at_the_same_step_and_the_run_ends_killed(workdi
     assert checkpoint.load(last)["progress"]["step"] == int(stops[0])  # saved where they stopped
     client, [run] = runs(workdir)
     assert run.info.status == "KILLED"
+
+
+def test_ctrl_c_keeps_the_agreed_save_when_a_rank_needs_longer_than_torchruns_grace(workdir):
+    """torchrun SIGKILLs the ranks a grace after it forwards Ctrl-C (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s by
+    default): a rank that takes longer to reach the agreed step (a first compiled step, a long evaluation, a large
+    save) must still save it. Here the grace is cut to 2 s, and rank 0 is held (SIGSTOP) for 6 s as Ctrl-C comes."""
+    import psutil
+
+    proc = start(workdir, deep_merge(PARAMS, {"train": {"max_steps": 5000, "max_tokens": 0, "eval_every": 20}}),
+                 env={"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "2"})
+    last = workdir / "checkpoints/tiny/last.pt"
+    deadline = time.time() + 180
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert last.exists(), proc.communicate()[0][-3000:]
+    [rank0] = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.environ().get("RANK") == "0"]
+    rank0.suspend()
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(6)  # three graces
+    if rank0.is_running():  # else torchrun killed it: the assertions below say what was lost
+        rank0.resume()
+    out, _ = proc.communicate(timeout=180)
+    stops = re.findall(r"error: [^\r\n]*?interrupted at step (\d+)", out)
+    assert proc.returncode == 130 and len(stops) == 2 and len(set(stops)) == 1, out[-3000:]
+    assert checkpoint.load(last)["progress"]["step"] == int(stops[0])  # the agreed step, saved
+    assert runs(workdir)[1][0].info.status == "KILLED"
 
 
 def _decide(rank: int, world: int, init_file: str, out_dir: str) -> None:
