@@ -40,6 +40,7 @@ class RungPaths:
     root: Path
     rung: str
     checkpoint_dir: str = "checkpoints"
+    training: str = ""  # the training's own folder in checkpoint_dir, when not <rung> (pipeline/checkpoint_dirs.py)
 
     @property
     def outs(self) -> tuple[Path, ...]:
@@ -52,7 +53,7 @@ class RungPaths:
 
     @property
     def ckpt(self) -> Path:
-        return self.root / self.checkpoint_dir / self.rung
+        return self.root / self.checkpoint_dir / (self.training or self.rung)
 
     @property
     def best(self) -> Path:

@@ -18,18 +18,22 @@ from mmrec import attempts
 from mmrec.config import MlflowParams, Params
 from mmrec.files import sweep_tree
 from mmrec.paths import OUTPUT_ROOTS
+from mmrec.pipeline import checkpoint_dirs
 from mmrec.tracking.location import local_store, tracking_uri
 
 
 def clean_up(params: Params, root: Path = Path(".")) -> list[str]:
-    """Remove the dead attempts' temp files under `root`, end their runs, delete their orphan logged models, then
-    their markers. Returns one line per thing cleaned up (none when there was nothing), and one for all that
-    processes on other machines own, which it leaves."""
+    """Remove the dead attempts' temp files under `root` and training folders nobody can resume, end their runs,
+    delete their orphan logged models, then their markers. Returns one line per thing cleaned up (none when there
+    was nothing), and one for all that processes on other machines own, which it leaves."""
     lines, elsewhere = [], []
     for top in (*OUTPUT_ROOTS, Path(params.train.checkpoint_dir)):  # an absolute checkpoint_dir: named whole
         gone, theirs = sweep_tree(root / top)
         lines += [f"removed {p.relative_to(root) if p.is_relative_to(root) else p} (its writer is gone)" for p in gone]
         elsewhere += theirs
+    removed, theirs = checkpoint_dirs.sweep(root / params.train.checkpoint_dir, root)
+    lines += removed
+    elsewhere += theirs
     swept_store = True
     if not _nothing_in_store(params.mlflow):
         from mmrec.tracking import run as track

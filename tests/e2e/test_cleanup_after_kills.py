@@ -3,6 +3,7 @@ DVC restores the stage from its run-cache and so never runs it again (the valida
 
 The kill cases drive the real dvc CLI on a temp copy of the repository and kill the whole process tree.
 """
+import json
 import sqlite3
 import subprocess
 import time
@@ -54,12 +55,16 @@ def test_what_processes_on_other_machines_own_in_a_shared_checkpoint_folder_is_l
     for path in [*left, gone]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("x")
+    held = shared / "tiny.gpu3.mmrec.89ab0123"  # a training folder that a process on another machine holds
+    held.mkdir()
+    (held / "training.json").write_text(json.dumps({"rung": "tiny", "host": "gpu3", "workspace": "/nowhere",
+                                                    "process": f"gpu3/some-boot/{a_dead_stamp()}"}))
     repo.mkdir()
     lines = cleanup.clean_up(tiny_params(repo, train={"checkpoint_dir": str(shared)}), repo)
     assert lines[:-1] == [f"removed {gone} (its writer is gone)"] and len(lines) == 2
-    assert lines[-1].startswith("left 2 file(s) that processes on other machines own as they are (only those "
+    assert lines[-1].startswith("left 3 file(s) that processes on other machines own as they are (only those "
                                 "machines can tell whether they still run), such as ")
-    assert all(p.exists() for p in left) and not gone.exists()
+    assert all(p.exists() for p in [*left, held]) and not gone.exists()
 
 
 def test_the_store_is_opened_only_when_it_may_hold_something_to_clean_up(tmp_path):

@@ -23,6 +23,7 @@ from mmrec.model import checkpoint
 from mmrec.training import distributed
 from mmrec.errors import UserError
 from mmrec.paths import RungPaths
+from mmrec.pipeline.checkpoint_dirs import training_dir
 from mmrec.pipeline.rung import check_nodes_agree
 from tests.conftest import REPO, TINY_PARAMS, deep_merge, dvc, kill_tree, run
 from tests.e2e.test_experiments import commit
@@ -333,7 +334,7 @@ def test_two_nodes_train_like_one_node_of_two_processes_and_resume_after_a_node_
     with_train(one, nproc=2, nnodes=1)  # the same total batch on one machine
     finished(start_logged([sys.executable, "stages/train.py", "tiny"], one, tmp_path / "one.log"), tmp_path / "one.log")
 
-    last = shared / "tiny/last.pt"
+    last = training_dir(a, "tiny", str(shared)) / "last.pt"  # node A's workspace's folder: rank 0 names it
     # node B dies just after the checkpoint of step 20: node A says where it stopped and what resumes
     leads, joins = start_two_nodes(a, b, tmp_path)
     wait_for_checkpoint(last, 20, leads, joins)
@@ -355,7 +356,7 @@ def test_two_nodes_train_like_one_node_of_two_processes_and_resume_after_a_node_
     finished(joins, tmp_path / "joins.log")
 
     assert [p for p in ("models/tiny", "metrics/train", "metrics/curves", "mlflow.db") if (b / p).exists()] == []
-    assert not (shared / "tiny").exists()  # finished: the shared checkpoint is gone
+    assert not any(shared.iterdir())  # finished: the shared checkpoint is gone
     client, [rung_run] = runs(a)  # one run, resumed across both kills, under one pipeline run
     ref_client, [ref] = runs(one)
     assert rung_run.info.status == "FINISHED" and rung_run.data.params["train.nnodes"] == "2"
