@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from mmrec.errors import UserError
-from mmrec.paths import CHAMPION, EXPERIMENT_ALIAS, OUTPUT_ROOTS, taken_by
+from mmrec.paths import ATTEMPTS, CHAMPION, EXPERIMENT_ALIAS, OUTPUT_ROOTS, taken_by
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 PARAMS_FILE = Path("params.yaml")
@@ -178,6 +178,9 @@ class TrainParams(Section):
             roots = ", ".join(f"{r}/" for r in OUTPUT_ROOTS)
             raise ValueError(f"puts last.pt under {top[0]}/, where DVC keeps (and deletes) stage outputs; use a "
                              f"folder outside {roots} (default: checkpoints)")
+        if top and not Path(v).is_absolute() and Path(*top) == ATTEMPTS:  # every save would rerun validate
+            raise ValueError(f"puts last.pt under {top[0]}/, the stages' markers that the validate stage depends "
+                             "on; use another folder (default: checkpoints)")
         return v
 
     @field_validator("rdzv_endpoint")

@@ -17,20 +17,21 @@ from pathlib import Path
 from typing import Any
 
 from mmrec.errors import UserError
-from mmrec.procs import alive, stamp
+from mmrec.procs import tag, tag_alive
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)  # mkstemp/mkdtemp create private (0600/0700) paths: published outputs get the usual modes
 
 
-# The temp names of replacing() and replacing_dir(): each carries its writer's procs.stamp() ('<pid>.<start>';
-# a bare pid in names written before the start was added).
-_OWNER = r"(\d+(?:\.\d+)?)"
+# The temp names of replacing() and replacing_dir(): each carries its writer's procs.tag() ('<pid>.<start>.<machine>':
+# the machine, so that a sweep of a folder that several machines share leaves their temps alone; '<pid>.<start>' or
+# a bare pid in names written before).
+_OWNER = r"(\d+(?:\.\d+(?:\.[0-9a-f]{16})?)?)"
 TEMP_NAME = re.compile(rf"\..+?(?:\.{_OWNER}-\w+\.tmp(?:\.\w+)?|\.tmp-{_OWNER}-\w+|\.old-{_OWNER})")
 
 
 def temp_owner(name: str) -> str | None:
-    """The stamp in a temp's name, or None when `name` is no temp of ours."""
+    """The tag (or older stamp) in a temp's name, or None when `name` is no temp of ours."""
     m = TEMP_NAME.fullmatch(name)
     return next(g for g in m.groups() if g) if m else None
 
@@ -49,22 +50,26 @@ def sweep_stale(path: Path) -> None:
         owner = temp_owner(stale.name)
         ours = owner is not None and stale.name.startswith(
             (f".{path.stem}.{owner}-", f".{path.name}.tmp-{owner}-", f".{path.name}.old-{owner}"))
-        if ours and not alive(owner):
+        if ours and tag_alive(owner) is False:  # another machine's (None) is for it to judge
             _remove(stale)
 
 
-def sweep_tree(root: Path) -> list[Path]:
+def sweep_tree(root: Path) -> tuple[list[Path], list[Path]]:
     """Remove every temp under `root` whose writer is dead, whatever output it was for: a stage that DVC restores
-    from its run-cache never runs, so it never cleans up the temps of its own killed attempt. Returns what went."""
-    gone = []
+    from its run-cache never runs, so it never cleans up the temps of its own killed attempt. Returns what went,
+    and the temps that writers on other machines own (left alone: only their machine can tell if they live)."""
+    gone, elsewhere = [], []
     for top, dirs, files in os.walk(root):
         for name in [*dirs, *files]:
             owner = temp_owner(name)
-            if owner is not None and not alive(owner):
+            verdict = None if owner is None else tag_alive(owner)
+            if owner is not None and verdict is None:
+                elsewhere.append(Path(top) / name)
+            elif verdict is False:
                 _remove(Path(top) / name)
                 gone.append(Path(top) / name)
-        dirs[:] = [d for d in dirs if Path(top) / d not in gone]  # not into what was just removed
-    return gone
+        dirs[:] = [d for d in dirs if Path(top) / d not in gone + elsewhere]  # not into what was just judged
+    return gone, elsewhere
 
 
 @contextmanager
@@ -74,7 +79,7 @@ def replacing(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(path)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.{stamp()}-", suffix=f".tmp{path.suffix}")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.{tag()}-", suffix=f".tmp{path.suffix}")
     os.close(fd)
     tmp = Path(name)
     try:
@@ -92,7 +97,7 @@ def replacing_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(path)
-    me = stamp()
+    me = tag()
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-{me}-"))
     old = path.with_name(f".{path.name}.old-{me}")
     try:

@@ -7,6 +7,9 @@ from pathlib import Path
 SPLITS = ("train", "val", "test")
 DATA, MODELS = Path("data"), Path("models")  # every stage's outputs live under these and METRICS (and checkpoints/)
 PARAMS_OK = Path("data/params.ok")  # written by the validate stage; every stage depends on it
+# Each stage's marker while it runs (mmrec/attempts.py); the validate stage depends on the folder, so that a stage
+# killed since the last `dvc repro` makes the next one clean up after it. Committed with a .gitignore of its own.
+ATTEMPTS = Path("attempts")
 RAW = Path("data/raw")
 PREPARED = Path("data/prepared")
 TOKENS = Path("data/tokens")
@@ -47,6 +50,7 @@ class RungPaths:
     root: Path
     rung: str
     checkpoint_dir: str = "checkpoints"
+    training: str = ""  # the training's own folder in checkpoint_dir, when not <rung> (pipeline/checkpoint_dirs.py)
 
     @property
     def outs(self) -> tuple[Path, ...]:
@@ -59,7 +63,7 @@ class RungPaths:
 
     @property
     def ckpt(self) -> Path:
-        return self.root / self.checkpoint_dir / self.rung
+        return self.root / self.checkpoint_dir / (self.training or self.rung)
 
     @property
     def best(self) -> Path:

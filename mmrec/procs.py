@@ -6,11 +6,17 @@ The start time that psutil and `ps` report is boot time + those ticks, and the k
 from the wall clock (/proc/stat btime): an NTP step, or a VM resumed from a snapshot, moves it by whole
 seconds while the process runs. One `dvc repro` whose stages saw their dvc process "start" at two different
 seconds ended up under two pipeline runs; identities here use the ticks.
+
+Ticks mean something on their own machine only: a file in a folder that several machines may share (an absolute
+train.checkpoint_dir on a network disk) names its writer with tag(), which adds the machine, and only that
+machine judges it (tag_alive: None elsewhere).
 """
 from __future__ import annotations
 
 import getpass
+import hashlib
 import os
+import re
 import socket
 from functools import lru_cache
 from pathlib import Path
@@ -89,6 +95,39 @@ def owner_alive(owner_: str) -> bool | None:
     """Whether the process an owner() names still runs; None when it ran on another machine (only it can tell)."""
     host, _, rest = owner_.partition("/")
     boot, _, pid_start = rest.rpartition("/")
-    if host != socket.gethostname():
+    return _verdict(host == socket.gethostname(), boot == _boot(), pid_start)
+
+
+def _verdict(host_is_mine: bool, boot_is_mine: bool, pid_start: str) -> bool | None:
+    """A process of some machine: judged here when it ran on this one (an earlier boot's are all gone), None when
+    it ran on another, which alone can tell whether it still runs."""
+    if not host_is_mine:
         return None
-    return boot == _boot() and alive(pid_start)
+    return boot_is_mine and alive(pid_start)
+
+
+@lru_cache(maxsize=1)
+def machine() -> str:
+    """This boot of this machine in 16 hex digits, short enough for a file name: 8 of the host name's digest and
+    the first 8 of the boot id (0s without procfs, where start times are wall-clock times)."""
+    boot = re.sub(r"[^0-9a-f]", "", _boot().lower())[:8].ljust(8, "0")
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8] + boot
+
+
+TAG = re.compile(r"(\d+\.\d+)\.([0-9a-f]{16})")
+
+
+def tag(pid: int | None = None) -> str:
+    """'<pid>.<start>.<machine>': a process among the machines that may share a folder (an absolute
+    train.checkpoint_dir on a network disk), for the names of files there; see tag_alive."""
+    return f"{stamp(pid)}.{machine()}"
+
+
+def tag_alive(tag_or_stamp: str) -> bool | None:
+    """Whether the process a tag() names still runs; None when it ran on another machine. A stamp() without the
+    machine (names written before tags) is judged here, as it always was."""
+    m = TAG.fullmatch(tag_or_stamp)
+    if m is None:
+        return alive(tag_or_stamp)
+    pid_start, where = m.groups()
+    return _verdict(where[:8] == machine()[:8], where[8:] == machine()[8:], pid_start)

@@ -9,10 +9,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # mmrec is not pip
 
 from mmrec.config import load_params  # noqa: E402
 from mmrec.data.corpus import build_corpus  # noqa: E402
+from mmrec.attempts import marked  # noqa: E402
 from mmrec.errors import exits_cleanly  # noqa: E402
 
 
 @exits_cleanly
+@marked
 def main() -> None:
     params = load_params()
     manifest = build_corpus(params.data, progress=sys.stderr.isatty())  # bars for a person, not a log

@@ -13,10 +13,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repo root
 
 from mmrec.config import load_rung_params  # noqa: E402
+from mmrec.attempts import marked  # noqa: E402
 from mmrec.errors import exits_cleanly  # noqa: E402
 
 
 @exits_cleanly
+@marked
 def main(argv: list[str]) -> None:
     params, rung = load_rung_params(argv, "train")
     tp = params.train

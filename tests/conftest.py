@@ -140,7 +140,8 @@ def kill_tree(pid: int) -> None:
 def make_project(root: Path, corpus: Path):
     """A fresh git + DVC copy of the repository at `root` with tiny params reading `corpus`; returns a setter for params."""
     root.mkdir()
-    for name in ["mmrec", "stages", "dvc.yaml", "params.yaml", ".gitignore", ".dvc/config", ".dvc/.gitignore"]:
+    for name in ["mmrec", "stages", "dvc.yaml", "params.yaml", ".gitignore", ".dvc/config", ".dvc/.gitignore",
+                 "attempts/.gitignore"]:
         src = REPO / name
         if src.is_dir():
             shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))

@@ -1,10 +1,12 @@
 """Training one rung of the ladder end to end: resume or start, grow from the parent, track, write the outputs.
 
-`train_rung` is what `stages/train.py` calls. A killed run resumes from checkpoints/<rung>/last.pt when its
-fingerprint matches the current params, data, parent and code (see `fingerprint_inputs`), in the same MLflow run.
+`train_rung` is what `stages/train.py` calls. A killed run resumes from checkpoints/<rung>/last.pt (in a checkpoint_dir
+outside the workspace, this workspace's own folder: pipeline/checkpoint_dirs.py) when its fingerprint matches the
+current params, data, parent and code (see `fingerprint_inputs`), in the same MLflow run.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import uuid
@@ -24,6 +26,7 @@ from mmrec.training.device import resolve_device
 from mmrec.errors import Interrupted, UserError
 from mmrec.files import dvc_fix, sha256_file, sha256_text, write_text
 from mmrec.model.lm import ModelConfig, build_model, count_params
+from mmrec.pipeline import checkpoint_dirs
 from mmrec.pipeline.outputs import write_outputs
 from mmrec.paths import RungPaths
 from mmrec.training.schedule import Budget, budget_for
@@ -99,6 +102,7 @@ def train_rung(params: Params, rung_name: str, root: Path = Path(".")) -> dict[s
     inputs = fingerprint_inputs(params, rung_name, header, sha256_file(parent_best) if parent_best else "")
     fp = fingerprint(inputs)
     try:
+        paths = own_folder(paths, group)
         check_nodes_agree(paths, inputs, group)
         resume = resume_point(paths.ckpt, inputs, group)
     except RuntimeError as err:  # a rank that stopped at once (a line of its own says why), or a dead node
@@ -137,6 +141,8 @@ def train_rung(params: Params, rung_name: str, root: Path = Path(".")) -> dict[s
         finally:
             cores.close()
             distributed.shutdown(group)
+            if group.main:  # last.pt stays for a resume: the folder is no longer held
+                checkpoint_dirs.release(paths.ckpt)
         if run is None:
             return None
         if parent_losses:  # did the grown rung keep its head start? the largest rise above the parent at any evaluation
@@ -165,6 +171,16 @@ def lost_line(lost: RankLost, rung_name: str, root: Path) -> str:
 
         resume = after_interrupt(f"train@{rung_name}", lost.saved, lost.last, root)
     return f"{lost} (its process or machine died); {resume}, once every node runs the stage again"
+
+
+def own_folder(paths: RungPaths, group: distributed.Group) -> RungPaths:
+    """`paths` with the checkpoint folder of this training, which rank 0 names for every rank and claims (one line
+    when a training that may still run holds it)."""
+    name = checkpoint_dirs.training_dir(paths.root, paths.rung, paths.checkpoint_dir).name if group.main else None
+    paths = dataclasses.replace(paths, training=distributed.broadcast(name, group))
+    if group.main:
+        checkpoint_dirs.claim(paths.ckpt, paths.rung, paths.root)
+    return paths
 
 
 def check_nodes_agree(paths: RungPaths, inputs: dict[str, Any], group: distributed.Group) -> None:
@@ -218,7 +234,8 @@ def resume_point(ckpt_dir: Path, inputs: dict[str, Any], group: distributed.Grou
     if state is not None and group.main:  # that run's state means nothing now
         tqdm.write(f"not resuming {last} from step {state['progress']['step']}: "
                    f"{what_changed(state.get('fingerprint_inputs'), inputs)} changed since; training from step 0")
-        shutil.rmtree(ckpt_dir)
+        for name in ("last.pt", "best.pt"):  # not the folder: this training holds it (its training.json)
+            (ckpt_dir / name).unlink(missing_ok=True)
     return None
 
 

@@ -30,6 +30,10 @@ from mmrec.errors import UserError  # noqa: E402
 LEADS = "DVC_STAGE"  # DVC sets it for every stage it runs: the node where `dvc repro` runs writes the outputs
 RDZV_ID = "mmrec"  # one job per endpoint; nodes started for another rung or params meet and are told (rung.py)
 JOIN_TIMEOUT_S = 600  # torchrun's default: how long the nodes wait for each other
+# How long torchrun waits, once it has forwarded Ctrl-C, for the ranks to agree on a step, save it and leave,
+# before it SIGKILLs them: its own default (30 s, TORCH_ELASTIC_SHUTDOWN_TIMEOUT) is shorter than a first compiled
+# step, a long evaluation or a large save on a network disk, and a rank killed then loses the agreed save.
+SHUTDOWN_GRACE_S = 600
 LOST = os.EX_TEMPFAIL  # the exit of a rank that lost another and leaves the telling to rank 0 or its launcher
 
 
@@ -59,11 +63,15 @@ def torchrun_args(nproc: int, nnodes: int = 1, endpoint: str = "", leads: bool =
     """torchrun's flags for `nproc` processes on each of `nnodes` machines: standalone on one machine, else the
     c10d rendezvous at `endpoint`, which the node that leads hosts and the others join, whichever starts first
     (a node joining waits for it as long as torchrun waits for every node: its join timeout)."""
+    # a longer grace that a user sets is kept; a shorter one is raised: the agreed save must not be cut short
+    theirs = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "")
+    grace = max(int(theirs) if theirs.isdigit() else 0, SHUTDOWN_GRACE_S)
+    each = [f"--nproc_per_node={nproc}", f"--shutdown-timeout={grace}"]
     if nnodes == 1:
-        return ["--standalone", f"--nproc_per_node={nproc}"]
+        return ["--standalone", *each]
     role = "is_host=1" if leads else f"is_host=0,read_timeout={JOIN_TIMEOUT_S}"
-    return [f"--nnodes={nnodes}", f"--nproc_per_node={nproc}", "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}",
-            f"--rdzv_id={RDZV_ID}", f"--rdzv_conf={role},join_timeout={JOIN_TIMEOUT_S}"]
+    return [f"--nnodes={nnodes}", *each, "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}", f"--rdzv_id={RDZV_ID}",
+            f"--rdzv_conf={role},join_timeout={JOIN_TIMEOUT_S}"]
 
 
 def launch(script: str, args: list[str], nproc: int, nnodes: int = 1, endpoint: str = "") -> int:

@@ -29,6 +29,7 @@ GAPS_BEFORE_ISSUE_19 = [
      "rung name 'download' is taken: the rung's metrics/speed/download.json is another stage's output"),
     ({"train": {"checkpoint_dir": "data"}}, "train.checkpoint_dir = 'data'"),  # its rung folders: data/tokens, ...
     ({"train": {"checkpoint_dir": "./models/ckpt"}}, "puts last.pt under models/, where DVC keeps (and deletes) stage outputs"),
+    ({"train": {"checkpoint_dir": "attempts/ckpt"}}, "puts last.pt under attempts/, the stages' markers"),
     ({"evaluate": {"max_tokens": 1}}, "evaluate: max_tokens 1 must be 0 (every test token) or at least "
                                       "train.seq_len + 1 = 257"),
     ({"train": {"seq_len": 32}, "evaluate": {"max_tokens": 32}}, "at least train.seq_len + 1 = 33"),

@@ -36,3 +36,23 @@ def test_an_owner_on_another_machine_or_in_another_boot_is_not_for_us_to_judge()
     assert host == socket.gethostname()
     assert procs.owner_alive(f"elsewhere/{boot}/{stamp}") is None
     assert procs.owner_alive(f"{host}/another-boot/{stamp}") is False  # this machine rebooted since
+
+
+def another_machine() -> str:
+    """procs.machine() of a machine that is not this one (its host name's digest differs)."""
+    here = procs.machine()
+    return ("0" if here[0] != "0" else "1") * 8 + here[8:]
+
+
+def test_a_tag_says_which_machine_so_only_that_machine_judges_it():
+    """Temp names in a folder that several machines share (an absolute train.checkpoint_dir): a pid of another
+    machine says nothing here, whether a process of ours has it or not."""
+    tag = procs.tag()
+    stamp, machine = tag.rsplit(".", 1)
+    assert stamp == procs.stamp() and machine == procs.machine() and len(machine) == 16
+    assert procs.tag_alive(tag) is True and procs.tag_alive(f"{a_dead_stamp()}.{machine}") is False
+    assert procs.tag_alive(f"{stamp}.{another_machine()}") is None  # a live pid here: still not for us to judge
+    assert procs.tag_alive(f"{a_dead_stamp()}.{another_machine()}") is None
+    earlier_boot = ("0" if machine[8] != "0" else "1") * 8
+    assert procs.tag_alive(f"{stamp}.{machine[:8]}{earlier_boot}") is False  # this machine, rebooted since
+    assert procs.tag_alive(stamp) is True and procs.tag_alive(a_dead_stamp()) is False  # names from before tags

@@ -3,6 +3,7 @@ DVC restores the stage from its run-cache and so never runs it again (the valida
 
 The kill cases drive the real dvc CLI on a temp copy of the repository and kill the whole process tree.
 """
+import json
 import sqlite3
 import subprocess
 import time
@@ -14,7 +15,7 @@ from mmrec.pipeline import cleanup
 from mmrec import procs
 from mmrec.tracking.store import fluent_store
 from tests.conftest import dvc, edit_params, kill_tree, ran, synthetic_documents, tiny_params
-from tests.base.test_procs import a_dead_stamp
+from tests.base.test_procs import a_dead_stamp, another_machine
 
 
 def test_the_temps_of_dead_writers_go_and_nothing_else(tmp_path):
@@ -42,6 +43,28 @@ def test_a_dead_writers_temp_in_a_shared_checkpoint_folder_goes_and_is_named_who
     repo.mkdir()
     lines = cleanup.clean_up(tiny_params(repo, train={"checkpoint_dir": str(shared)}), repo)
     assert lines == [f"removed {stale} (its writer is gone)"] and not stale.exists()
+
+
+def test_what_processes_on_other_machines_own_in_a_shared_checkpoint_folder_is_left_with_one_line(tmp_path):
+    """Another machine's pid is no process of ours, live or dead: only that machine can tell (procs.tag)."""
+    shared, repo = tmp_path / "shared", tmp_path / "repo"
+    theirs = f"{a_dead_stamp()}.{another_machine()}"  # no process here has that pid now; there, it may run
+    left = [shared / f"tiny.gpu2.mmrec.0123abcd/.last.{theirs}-abcd.tmp.pt",
+            shared / f"mini.gpu2.mmrec.0123abcd/.best.{theirs}-efgh.tmp.pt"]
+    gone = shared / f"tiny.here.mmrec.4567cdef/.last.{a_dead_stamp()}.{procs.machine()}-ijkl.tmp.pt"
+    for path in [*left, gone]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    held = shared / "tiny.gpu3.mmrec.89ab0123"  # a training folder that a process on another machine holds
+    held.mkdir()
+    (held / "training.json").write_text(json.dumps({"rung": "tiny", "host": "gpu3", "workspace": "/nowhere",
+                                                    "process": f"gpu3/some-boot/{a_dead_stamp()}"}))
+    repo.mkdir()
+    lines = cleanup.clean_up(tiny_params(repo, train={"checkpoint_dir": str(shared)}), repo)
+    assert lines[:-1] == [f"removed {gone} (its writer is gone)"] and len(lines) == 2
+    assert lines[-1].startswith("left 3 file(s) that processes on other machines own as they are (only those "
+                                "machines can tell whether they still run), such as ")
+    assert all(p.exists() for p in [*left, held]) and not gone.exists()
 
 
 def test_the_store_is_opened_only_when_it_may_hold_something_to_clean_up(tmp_path):
@@ -92,19 +115,29 @@ def kill_when(cmd: list[str], root: Path, ready, what: str, timeout: float = 180
     proc.wait()
 
 
+UP_TO_DATE = "Data and pipelines are up to date."
+
+
 def test_a_forced_training_killed_before_its_checkpoint_is_restored_and_leaves_no_run_running(tokenized_project):
+    """The kill leaves the stage's marker in attempts/, which the validate stage depends on: `dvc status` is clean
+    after a clean run, and the next `dvc repro` after a kill runs validate, which cleans up (mmrec/attempts.py)."""
     root = tokenized_project
     edit_params(root, lambda p: p["train"].update(max_steps=400, eval_every=400))  # one checkpoint: at the end
     dvc(root, "repro", "train@tiny")  # the run-cache now holds this training
+    assert dvc(root, "status", "train@tiny").stdout.strip() == UP_TO_DATE
     kill_when(["dvc", "repro", "-f", "-s", "train@tiny"], root, lambda: "RUNNING" in statuses(root)["rung"],
               "its run opened")
     assert not (root / "checkpoints/tiny/last.pt").exists(), "the kill came after the first checkpoint"
     assert statuses(root) == {"rung": ["FINISHED", "RUNNING"], "pipeline": ["FINISHED", "RUNNING"]}
+    [marker] = (root / "attempts").glob("train@tiny.*")
+    assert dvc(root, "status", "validate").stdout.split() == ["validate:", "changed", "deps:", "modified:",
+                                                              "attempts"]
 
     out = dvc(root, "repro", "train@tiny")
     assert "Stage 'train@tiny' is cached - skipping run" in out.stdout and "train@tiny" not in ran(out.stdout)
     assert statuses(root) == {"rung": ["FINISHED", "KILLED"], "pipeline": ["FAILED", "FINISHED"]}
     assert out.stdout.count("cleaned up: ended MLflow run") == 2  # the rung's run and its pipeline's
+    assert not marker.exists() and dvc(root, "status", "train@tiny").stdout.strip() == UP_TO_DATE
 
 
 def test_a_download_killed_midway_leaves_no_temp_when_the_rerun_is_restored(project, tmp_path):

@@ -23,6 +23,7 @@ from mmrec.model import checkpoint
 from mmrec.training import distributed
 from mmrec.errors import UserError
 from mmrec.paths import RungPaths
+from mmrec.pipeline.checkpoint_dirs import training_dir
 from mmrec.pipeline.rung import check_nodes_agree
 from tests.conftest import REPO, TINY_PARAMS, deep_merge, dvc, kill_tree, run
 from tests.e2e.test_experiments import commit
@@ -33,10 +34,11 @@ PARAMS = deep_merge(TINY_PARAMS, {"train": {"nproc": 2, "max_steps": 120, "max_t
                                             "eval_every": 20}})
 
 
-def start(root, params=PARAMS):
+def start(root, params=PARAMS, env=None):
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return subprocess.Popen([sys.executable, str(REPO / "stages/train.py"), "tiny"], cwd=root, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, **(env or {})})
 
 
 def finish(proc) -> str:
@@ -99,6 +101,32 @@ def test_ctrl_c_stops_every_rank_at_the_same_step_and_the_run_ends_killed(workdi
     assert checkpoint.load(last)["progress"]["step"] == int(stops[0])  # saved where they stopped
     client, [run] = runs(workdir)
     assert run.info.status == "KILLED"
+
+
+def test_ctrl_c_keeps_the_agreed_save_when_a_rank_needs_longer_than_torchruns_grace(workdir):
+    """torchrun SIGKILLs the ranks a grace after it forwards Ctrl-C (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s by
+    default): a rank that takes longer to reach the agreed step (a first compiled step, a long evaluation, a large
+    save) must still save it. Here the grace is cut to 2 s, and rank 0 is held (SIGSTOP) for 6 s as Ctrl-C comes."""
+    import psutil
+
+    proc = start(workdir, deep_merge(PARAMS, {"train": {"max_steps": 5000, "max_tokens": 0, "eval_every": 20}}),
+                 env={"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "2"})
+    last = workdir / "checkpoints/tiny/last.pt"
+    deadline = time.time() + 180
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert last.exists(), proc.communicate()[0][-3000:]
+    [rank0] = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.environ().get("RANK") == "0"]
+    rank0.suspend()
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(6)  # three graces
+    if rank0.is_running():  # else torchrun killed it: the assertions below say what was lost
+        rank0.resume()
+    out, _ = proc.communicate(timeout=180)
+    stops = re.findall(r"error: [^\r\n]*?interrupted at step (\d+)", out)
+    assert proc.returncode == 130 and len(stops) == 2 and len(set(stops)) == 1, out[-3000:]
+    assert checkpoint.load(last)["progress"]["step"] == int(stops[0])  # the agreed step, saved
+    assert runs(workdir)[1][0].info.status == "KILLED"
 
 
 def _decide(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -306,7 +334,7 @@ def test_two_nodes_train_like_one_node_of_two_processes_and_resume_after_a_node_
     with_train(one, nproc=2, nnodes=1)  # the same total batch on one machine
     finished(start_logged([sys.executable, "stages/train.py", "tiny"], one, tmp_path / "one.log"), tmp_path / "one.log")
 
-    last = shared / "tiny/last.pt"
+    last = training_dir(a, "tiny", str(shared)) / "last.pt"  # node A's workspace's folder: rank 0 names it
     # node B dies just after the checkpoint of step 20: node A says where it stopped and what resumes
     leads, joins = start_two_nodes(a, b, tmp_path)
     wait_for_checkpoint(last, 20, leads, joins)
@@ -328,7 +356,7 @@ def test_two_nodes_train_like_one_node_of_two_processes_and_resume_after_a_node_
     finished(joins, tmp_path / "joins.log")
 
     assert [p for p in ("models/tiny", "metrics/train", "metrics/curves", "mlflow.db") if (b / p).exists()] == []
-    assert not (shared / "tiny").exists()  # finished: the shared checkpoint is gone
+    assert not any(shared.iterdir())  # finished: the shared checkpoint is gone
     client, [rung_run] = runs(a)  # one run, resumed across both kills, under one pipeline run
     ref_client, [ref] = runs(one)
     assert rung_run.info.status == "FINISHED" and rung_run.data.params["train.nnodes"] == "2"
