@@ -130,7 +130,7 @@ def environment() -> dict[str, str]:
     """The machine and code that wrote the report."""
     import torch
 
-    from mmrec.tracking.run import git_commit
+    from mmrec.tracking.context import git_commit
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return {"CPU": cpu_model(), "cores": str(os.cpu_count()), "torch threads": str(torch.get_num_threads()),

@@ -250,7 +250,7 @@ def references(configs: list[Config], name: str) -> dict[str, Config]:
 
 def doc_scores(uri: str, config: Config) -> list[DocScores]:
     """The per-document test scores each run of `config` logged (evaluate); a run without them is one line."""
-    from mmrec.tracking.run import json_artifact
+    from mmrec.tracking.reading import json_artifact
 
     path = RungPaths(Path(), config.rung).doc_scores_artifact
     out = []
@@ -337,12 +337,12 @@ def write_plot(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from mmrec.tracking import run as track, store  # mlflow is slow to import: only once the arguments are known to be good
+    from mmrec.tracking import reading, store  # mlflow is slow to import: only once the arguments are known to be good
 
     uri, experiment = store.store_settings(args.tracking_uri, args.experiment)
-    runs = track.runs_frame(uri, experiment)
+    runs = reading.runs_frame(uri, experiment)
     if runs is None:
-        raise UserError(f"--experiment {experiment!r}: not in {uri}; it has: {', '.join(track.experiment_names(uri))}")
+        raise UserError(f"--experiment {experiment!r}: not in {uri}; it has: {', '.join(reading.experiment_names(uri))}")
     runs = complete(runs)
     picked = select(runs, args.rung, args.dvc_exp, args.status, args.last)
     if picked.empty:
@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         write_csv(table, args.csv)
         print(f"wrote {args.csv}")
     if args.plot is not None:
-        histories = track.metric_histories(uri, list(table["run_id"]), VAL_CURVE)
+        histories = reading.metric_histories(uri, list(table["run_id"]), VAL_CURVE)
         write_plot({curve_label(row): histories[row["run_id"]] for _, row in table.iterrows()}, args.plot)
         print(f"wrote {args.plot}")
     return 0

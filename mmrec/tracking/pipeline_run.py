@@ -22,7 +22,8 @@ from mlflow.entities import DatasetInput
 from mmrec.config import PARAMS_FILE, Params, flat_params_text
 from mmrec.procs import identity, owner
 from mmrec.tracking.store import Store, experiment_id
-from mmrec.tracking.run import OWNER_TAG, PARENT_TAG, Run, context_tags, git, git_commit, split_datasets
+from mmrec.tracking.context import context_tags, git, git_commit, split_datasets
+from mmrec.tracking.run import OWNER_TAG, PARENT_TAG, Run
 
 
 def dvc_process() -> int | None:

@@ -1,5 +1,6 @@
-"""MLflow tracking: one run, its params, metrics and artifacts (store.py opens the store; pipeline_run.py finds a
-rung's parent run and names it; registry.py holds the model registry).
+"""MLflow tracking: one run, its params, metrics and artifacts, and the sweep of runs dead attempts left (store.py
+opens the store; context.py says where a run comes from; pipeline_run.py finds a rung's parent run and names it;
+reading.py reads runs back; registry/models.py holds the model registry).
 
 One MLflow run per rung. The stage that trains a rung opens it and writes its id to
 models/<rung>/run.json; evaluate and promote reopen the same run through that file, so a rung's
@@ -8,29 +9,26 @@ whole story (params, curves, test metrics, the gate) sits in one place in `mlflo
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 # store.py first: it sets MLflow's environment (telemetry off, short HTTP retries) before mlflow is imported
-from mmrec.tracking.store import STORE_FAULTS, Store, StoreError, _missing_run, describe, experiment_id, fluent_store  # noqa: I001
+from mmrec.tracking.store import STORE_FAULTS, Store, StoreError, _missing_run, describe, experiment_id  # noqa: I001
 
 import mlflow  # noqa: E402
-import pandas as pd  # noqa: E402  (mlflow loads it anyway)
 from mlflow import MlflowClient  # noqa: E402
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag  # noqa: E402
+from mlflow.entities import DatasetInput, Metric, Param, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
-from mmrec.config import DataParams, MlflowParams  # noqa: E402
+from mmrec.config import MlflowParams  # noqa: E402
 from mmrec.errors import UserError  # noqa: E402
 from mmrec.files import dvc_fix, load_json  # noqa: E402
-from mmrec.paths import GATE_METRIC_NAME, SPLITS, test_metric_name  # noqa: E402
-from mmrec.procs import owner, owner_alive, user  # noqa: E402
+from mmrec.paths import GATE_METRIC_NAME, test_metric_name  # noqa: E402
+from mmrec.procs import owner, owner_alive  # noqa: E402
+from mmrec.tracking.context import context_tags, workspace  # noqa: E402
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 
@@ -49,81 +47,6 @@ def read_json(path: Path, stage: str, key: str | None = None) -> Any:
             raise UserError(f"{path}: has no '{key}' (damaged?); {dvc_fix(stage)}")
         return data[key]
     return data
-
-
-def git(*args: str) -> str:
-    """Output of a git command in the current directory ('' when git or the repository is missing)."""
-    try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 else ""
-    except OSError:
-        return ""
-
-
-def git_commit() -> str:
-    return git("rev-parse", "HEAD") or "unknown"
-
-
-def workspace() -> str:
-    """The directory a stage runs in: the repository, or a DVC queue's temporary copy of it."""
-    return str(Path.cwd().resolve())
-
-
-def context_tags() -> dict[str, str]:
-    """Where a run comes from: who, which script and commit (MLflow's Source and User columns), and the DVC
-    stage and experiment (set by `dvc repro` / `dvc exp run`)."""
-    commit = git_commit()
-    tags = {"git_commit": commit, "workspace": workspace(), "mlflow.user": user(), "mlflow.source.type": "LOCAL",
-            "mlflow.source.name": source_name(), "mlflow.source.git.commit": commit}
-    if branch := git("rev-parse", "--abbrev-ref", "HEAD"):
-        tags["mlflow.source.git.branch"] = branch
-    if remote := git("config", "--get", "remote.origin.url"):
-        tags["mlflow.source.git.repoURL"] = remote
-    for env, tag in [("DVC_STAGE", "dvc_stage"), ("DVC_EXP_NAME", "dvc_exp_name"),
-                     ("DVC_EXP_BASELINE_REV", "dvc_exp_baseline_rev")]:
-        if os.environ.get(env):
-            tags[tag] = os.environ[env]
-    return tags
-
-
-def source_name() -> str:
-    """The script that made the run, relative to the repository (stages/train.py), else the program's name."""
-    script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
-    if script is None or not script.is_file():
-        return "python"
-    try:
-        return script.relative_to(Path.cwd().resolve()).as_posix()
-    except ValueError:
-        return script.name
-
-
-def _source_type(source: str) -> str:
-    if source.startswith(("http://", "https://")):
-        return "http"
-    return "code" if source.startswith("package:") else "local"
-
-
-def split_datasets(data: DataParams, tokens_dir: Path) -> list[DatasetInput]:
-    """The train/val/test token files as MLflow dataset inputs: name, digest (content sha256), source, profile."""
-    from mmrec.files import sha256_file
-
-    header = json.loads((tokens_dir / "header.json").read_text())
-    corpus = Path(data.source.removeprefix("package:").split("?")[0].rstrip("/")).name.split(".")[0] or "corpus"
-    contexts = {"train": "training", "val": "validation", "test": "testing"}
-    inputs = []
-    for split in SPLITS:
-        stats = header["splits"][split]
-        sha = sha256_file(tokens_dir / f"{split}.bin")
-        profile = {"documents": stats["documents"], "tokens": stats["tokens"], "bytes": stats["bytes"],
-                   "sha256": sha, "tokenizer_sha256": header["tokenizer_sha256"]}
-        schema = {"mlflow_tensorspec": {"features": json.dumps([{"name": "token_id", "type": "tensor",
-                                                                  "tensor-spec": {"dtype": header["dtype"],
-                                                                                  "shape": [-1]}}])}}
-        ds = Dataset(name=f"{corpus}-{split}", digest=sha[:32],  # MLflow keeps at most 36 characters
-                     source_type=_source_type(data.source), source=json.dumps({"uri": data.source}),
-                     schema=json.dumps(schema), profile=json.dumps(profile))
-        inputs.append(DatasetInput(ds, [InputTag("mlflow.data.context", contexts[split])]))
-    return inputs
 
 
 PARENT_TAG = "mlflow.parentRunId"  # MLflow nests a run under the run this tag names
@@ -369,39 +292,3 @@ def refresh_pipeline(c: MlflowClient, parent_id: str) -> str:
     if status not in ("RUNNING", parent.info.status):
         c.set_terminated(parent_id, status)
     return status
-
-
-# Reading runs back, for `python -m mmrec.tracking.compare`.
-
-def experiment_names(uri: str) -> list[str]:
-    return sorted(e.name for e in MlflowClient(uri).search_experiments())
-
-
-def runs_frame(uri: str, experiment: str) -> pd.DataFrame | None:
-    """Every active run of `experiment`, one row each, as mlflow.search_runs lays it out (run_id, status, start_time,
-    params.<dotted key>, metrics.<key> at its latest step, tags.<key>); None when the store has no such experiment."""
-    exp = MlflowClient(uri).get_experiment_by_name(experiment)
-    if exp is None:
-        return None
-    with fluent_store(uri):  # search_runs pages through the global store
-        return mlflow.search_runs([exp.experiment_id])
-
-
-def json_artifact(artifact_uri: str, tracking_uri: str) -> Any | None:
-    """An artifact that holds JSON ('runs:/<run id>/<path>', or a logged model's location + path), read; None when
-    it is missing or damaged (the callers treat those alike: figures without per-document scores)."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=tmp, tracking_uri=tracking_uri)
-            return json.loads(Path(local).read_text())
-        except (MlflowException, OSError, ValueError):
-            return None
-
-
-def metric_histories(uri: str, run_ids: list[str], key: str) -> dict[str, list[tuple[int, float]]]:
-    """Run id -> (step, value) of metric `key`, in step order."""
-    c = MlflowClient(uri)
-    return {rid: [(m.step, m.value) for m in sorted(c.get_metric_history(rid, key), key=lambda m: (m.step, m.timestamp))]
-            for rid in run_ids}
