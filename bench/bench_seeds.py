@@ -2,6 +2,7 @@
 
     python bench/bench_seeds.py --full                               # the full-budget study: ~65 min, quiet 2 cores
     python bench/bench_seeds.py --rung tiny --seeds 4 --steps 400    # ~18 min on 2 cores beside another job
+    python bench/bench_seeds.py --merge a.json b.json                # one table over a study split in parts
 
 Each seed trains the rung with the pipeline's own loop (fit), schedule and evaluations (train.eval_every), on the
 tokens of `dvc repro tokenizer`, for --steps steps (0: the rung's own budget), and keeps what the pipeline keeps
@@ -56,6 +57,12 @@ def parse_args() -> argparse.Namespace:
                     f"{FULL_SEEDS['scratch']} seeds from scratch, {FULL_SEEDS['grown']} grown (overrides the three above)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     ap.add_argument("--json", metavar="FILE", help="also write every figure here")
+    ap.add_argument("--first-seed", type=int, help="the first seed (default: params.yaml's); one seed is then "
+                    "allowed, for --merge: a study split over processes or machines")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="no training: one table over the seeds of these "
+                    "--json files (each seed once, the last file's)")
+    ap.add_argument("--parents", metavar="DIR", help="keep each parent's params.seed run here (<rung>.pt), and take "
+                    "it from here when there: two calls, one for each rung, can then run side by side")
     return ap.parse_args()
 
 
@@ -70,7 +77,7 @@ def plan(args: argparse.Namespace, params) -> list[tuple[str, int]]:
         counts *= len(names)
     if len(counts) != len(names):
         sys.exit(f"--seeds {args.seeds}: one number, or one per rung of --rung {args.rung}")
-    if min(counts) < 2:
+    if min(counts) < (1 if args.first_seed is not None else 2):
         sys.exit(f"--seeds {args.seeds}: at least 2 a rung, or there is no spread to measure")
     unknown = [n for n in names if n not in params.ladder]
     if unknown:
@@ -82,8 +89,8 @@ def plan(args: argparse.Namespace, params) -> list[tuple[str, int]]:
 class Study:
     """Trains and scores the seeds of each rung; keeps each rung's run of params.yaml's seed for its children."""
 
-    def __init__(self, params, header, train_tokens, val_tokens, steps: int):
-        self.params, self.vocab, self.steps = params, header["vocab_size"], steps
+    def __init__(self, params, header, train_tokens, val_tokens, steps: int, parents: Path | None = None):
+        self.params, self.vocab, self.steps, self.parents = params, header["vocab_size"], steps, parents
         self.tokens = train_tokens, val_tokens
         self.first: dict[str, tuple[dict, ModelConfig]] = {}  # rung -> (kept weights, config) of params.seed's run
 
@@ -95,6 +102,10 @@ class Study:
         parent = self.params.rung(rung).parent
         if parent is None:
             return None
+        kept = self.parents / f"{parent}.pt" if self.parents else None
+        if parent not in self.first and kept and kept.exists():
+            print(f"{parent}: its seed {self.params.seed} run from {kept}", flush=True)
+            self.first[parent] = torch.load(kept, weights_only=True), self.cfg(parent)
         if parent not in self.first:
             print(f"{parent}: training it once at its own budget (seed {self.params.seed}), {rung}'s parent", flush=True)
             self.run(parent, self.params.seed, own_budget=True)
@@ -111,10 +122,15 @@ class Study:
                                       state=self.start(rung, seed), lr=b.lr, ema_decay=b.ema_decay, keep_best=True)
         if seed == self.params.seed:
             self.first[rung] = {k: v.clone() for k, v in model.state_dict().items()}, self.cfg(rung)
+            if self.parents:
+                self.parents.mkdir(parents=True, exist_ok=True)
+                tmp = self.parents / f".{rung}.pt.tmp"
+                torch.save(self.first[rung][0], tmp)
+                tmp.replace(self.parents / f"{rung}.pt")
         return model, progress, secs, steps
 
 
-def seeds_of(study: Study, rung: str, count: int) -> dict:
+def seeds_of(study: Study, rung: str, count: int, first: int) -> dict:
     """Train and score `count` seeds of `rung`; print its tables; return its figures."""
     params, p = study.params, study.params.promote
     b = budget_for(params, rung)
@@ -125,7 +141,7 @@ def seeds_of(study: Study, rung: str, count: int) -> dict:
           f"{f', EMA {b.ema_decay}' if b.ema_decay else ''}, {count} seeds, {torch.get_num_threads()} threads; "
           f"bootstrap {p.bootstrap_samples:,} resamples, {p.confidence:.0%} intervals", flush=True)
     rows, scores = [], []
-    for seed in range(params.seed, params.seed + count):
+    for seed in range(first, first + count):
         model, progress, secs, _ = study.run(rung, seed)
         start = time.perf_counter()
         metrics, docs, _ = test_metrics(model.eval(), params.model_copy(update={"seed": seed}), ROOT)
@@ -142,6 +158,8 @@ def seeds_of(study: Study, rung: str, count: int) -> dict:
     for r in rows:
         print(f"| {r['seed']} | {r['bpb']:.4f} | [{r['low']:.4f}, {r['high']:.4f}] | {r['high'] - r['low']:.4f} | "
               f"{r['val']:.4f} | {r['train_s']:.0f} |")
+    if len(rows) < 2:
+        return {"rung": rung, "steps": steps, "seeds": rows}
     print(f"\n| pair | gain (a - b) | paired {p.confidence:.0%} interval | width | leaves out 0 |\n"
           "|---|---:|---|---:|---|")
     gains = []
@@ -167,24 +185,48 @@ def seeds_of(study: Study, rung: str, count: int) -> dict:
             "pairs_leaving_out_0": int(real), "pairs": len(gains)}
 
 
+def spread(results: list[dict]) -> None:
+    """One row a rung: mean, std and range over its seeds of the gate's figure and of the best val loss."""
+    print(f"\n| rung | steps | seeds | test bits/byte mean | std | range | best val loss mean | std | range |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        bpb, val = np.array([s["bpb"] for s in r["seeds"]]), np.array([s["val"] for s in r["seeds"]])
+        std = (lambda a: a.std(ddof=1)) if len(bpb) > 1 else (lambda a: float("nan"))
+        print(f"| {r['rung']} | {r['steps']:,} | {len(bpb)} | {bpb.mean():.4f} | {std(bpb):.4f} | {np.ptp(bpb):.4f} | "
+              f"{val.mean():.4f} | {std(val):.4f} | {np.ptp(val):.4f} |")
+    print("compare.seed_std (params.yaml) is the std compare takes for a config of one seed: "
+          + ", ".join(f"{r['rung']} {np.std([s['bpb'] for s in r['seeds']], ddof=1):.4f}" for r in results
+                      if len(r["seeds"]) > 1))
+
+
+def merged(files: list[str]) -> list[dict]:
+    """Each rung's seeds over several --json files, a seed counted once (the last file's), in ladder order."""
+    rungs: dict[str, dict] = {}
+    for name in files:
+        for r in json.loads(Path(name).read_text())["rungs"]:
+            into = rungs.setdefault(r["rung"], {"rung": r["rung"], "steps": r["steps"], "by_seed": {}})
+            if into["steps"] != r["steps"]:
+                sys.exit(f"{name}: {r['rung']} at {r['steps']} steps, another file at {into['steps']}: not one study")
+            into["by_seed"] |= {s["seed"]: s for s in r["seeds"]}
+    return [{"rung": r["rung"], "steps": r["steps"], "seeds": [r["by_seed"][k] for k in sorted(r["by_seed"])]}
+            for r in rungs.values()]
+
+
 def main() -> None:
     args = parse_args()
+    if args.merge:
+        spread(merged(args.merge))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     params, header, train_tokens, val_tokens = setup()
     rungs = plan(args, params)
-    study = Study(params, header, train_tokens, val_tokens, args.steps)
+    study = Study(params, header, train_tokens, val_tokens, args.steps, Path(args.parents) if args.parents else None)
     start = time.perf_counter()
-    results = [seeds_of(study, rung, count) for rung, count in rungs]
-
-    print(f"\n| rung | steps | seeds | test bits/byte mean | std | range | best val loss mean | std | range |\n"
-          "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in results:
-        bpb, val = [s["bpb"] for s in r["seeds"]], [s["val"] for s in r["seeds"]]
-        print(f"| {r['rung']} | {r['steps']:,} | {len(bpb)} | {np.mean(bpb):.4f} | {r['bpb_std']:.4f} | "
-              f"{r['bpb_range']:.4f} | {np.mean(val):.4f} | {r['val_std']:.4f} | {r['val_range']:.4f} |")
-    print(f"\n{(time.perf_counter() - start) / 60:.0f} min in all. compare.seed_std (params.yaml) is the std compare "
-          "takes for a config of one seed: " + ", ".join(f"{r['rung']} {r['bpb_std']:.4f}" for r in results))
+    first = params.seed if args.first_seed is None else args.first_seed
+    results = [seeds_of(study, rung, count, first) for rung, count in rungs]
+    spread(results)
+    print(f"\n{(time.perf_counter() - start) / 60:.0f} min in all")
     if args.json:
         write_text(Path(args.json), json.dumps({"threads": torch.get_num_threads(), "rungs": results}, indent=1) + "\n")
         print(f"wrote {args.json}")
