@@ -149,6 +149,10 @@ class TrainParams(Section):
     rewarmup_steps: Annotated[int, Field(ge=0)] = 20  # warmup of a rung grown from its parent
     growth_lr_scale: Annotated[float, Field(gt=0, le=1)] = 0.5  # a grown rung's peak lr: lr x this (unless ladder.<rung>.lr)
     growth_split: Annotated[float, Field(ge=0, le=2)] = GROWTH_SPLIT  # uneven shares of width copies; 0: even (symmetric)
+    schedule: Literal["cosine", "wsd"] = "cosine"  # after warmup: cosine to min_lr, or warmup-stable-decay
+    decay_fraction: Annotated[float, Field(gt=0, le=1)] = 0.2  # wsd: the last share of the steps, linear to min_lr
+    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon for the hidden matrices, AdamW for the rest (optim.py)
+    muon_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.95
     weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.1
     beta1: Annotated[float, Field(ge=0, lt=1)] = 0.9
     beta2: Annotated[float, Field(ge=0, lt=1)] = 0.99

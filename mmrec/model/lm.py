@@ -262,7 +262,8 @@ def count_params(model: nn.Module) -> int:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay matrices only; no decay on norms, biases, embeddings (the tied head) or floor logits."""
+    """[hidden matrices, the rest]: weight decay on the matrices only (Muon's when train.optimizer is muon), none on
+    norms, biases, embeddings (the tied head) or floor logits."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay = [], []
     for p in model.parameters():

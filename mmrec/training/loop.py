@@ -30,7 +30,8 @@ from mmrec.training.device import autocast
 from mmrec.training.ema import ema_of
 from mmrec.errors import Interrupted, UserError
 from mmrec.model.inference import score
-from mmrec.model.lm import ModelOutput, count_params, flops_per_token, param_groups
+from mmrec.model.lm import ModelOutput, count_params, flops_per_token
+from mmrec.training.optim import build_optimizers
 from mmrec.training.perf import peak_flops
 from mmrec.training.schedule import Budget, lr_at
 
@@ -199,8 +200,7 @@ class Trainer:
         self.model, self.train_tokens, self.tp, self.budget, self.generator = model, train, tp, budget, generator
         self.tokens_per_step = tp.batch_size * tp.seq_len * tp.grad_accum * group.world
         self.ckpt_dir, self.extra, self.device, self.group = ckpt_dir, extra, device, group
-        self.optimizer = torch.optim.AdamW(param_groups(model, tp.weight_decay), lr=budget.lr,
-                                           betas=(tp.beta1, tp.beta2), fused=device.type == "cuda")
+        self.optimizers = build_optimizers(model, tp, budget.lr, device)  # by checkpoint key
         self.ema = ema_of(model, budget.ema_decay, ramp=budget.ema_ramp) if budget.ema_decay else None
         self.progress = Progress()
         self.saved_at = -1  # the step that last.pt holds
@@ -216,7 +216,8 @@ class Trainer:
 
     def resume_from(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        for key, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(state[key])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         self.progress = Progress(**state["progress"])
@@ -240,7 +241,7 @@ class Trainer:
         kept = self.model if with_optimizer else self.evaluated
         state = {"model": kept.state_dict(), "progress": self.progress.__dict__, **self.extra}
         if with_optimizer:
-            state |= {"optimizer": self.optimizer.state_dict(), "rng": rng}
+            state |= {key: optimizer.state_dict() for key, optimizer in self.optimizers.items()} | {"rng": rng}
             if self.ema is not None:
                 state["ema"] = self.ema.state_dict()
         checkpoint.save_atomic(state, self.ckpt_dir / name)
@@ -252,9 +253,10 @@ class Trainer:
     def train_step(self, wrapped: torch.nn.Module, step_fn: Any) -> StepResult:
         """One optimizer step over grad_accum micro-batches; a step with a non-finite gradient is skipped."""
         tp, group, progress = self.tp, self.group, self.progress
-        lr = lr_at(progress.step, self.budget, min(tp.min_lr, self.budget.lr))
-        for param_group in self.optimizer.param_groups:
-            param_group["lr"] = lr
+        lr = lr_at(progress.step, self.budget, min(tp.min_lr, self.budget.lr), tp.schedule, tp.decay_fraction)
+        for optimizer in self.optimizers.values():
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = lr
         self.model.train()
         loss, aux = 0.0, 0.0  # aux: UBOO's loss, logged apart from the cross-entropy
         for micro in range(tp.grad_accum):
@@ -274,12 +276,14 @@ class Trainer:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                          tp.grad_clip if tp.grad_clip > 0 else math.inf))
         if math.isfinite(grad_norm):  # DDP averaged the gradients first, so every rank agrees
-            self.optimizer.step()
+            for optimizer in self.optimizers.values():
+                optimizer.step()
             if self.ema is not None:
                 self.ema.update_parameters(self.model)
         else:  # a finite loss with an inf/NaN gradient: clipping would spread the NaN into every weight
             progress.skipped_steps += 1
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
         progress.step += 1
         progress.tokens += self.tokens_per_step
         progress.train_losses.append(loss)

@@ -16,10 +16,15 @@ class Budget:
     ema_ramp: bool = True  # from a random init; a grown rung's average starts at its parent's weights, full decay
 
 
-def lr_at(step: int, budget: Budget, min_lr: float) -> float:
-    """Linear warmup to the peak, then cosine decay to min_lr at the end of the budget."""
+def lr_at(step: int, budget: Budget, min_lr: float, schedule: str = "cosine", decay_fraction: float = 0.2) -> float:
+    """Linear warmup to the peak, then cosine decay to min_lr at the end of the budget; or (wsd) the peak held
+    until the last `decay_fraction` of the steps and a linear decay to min_lr over them."""
     if step < budget.warmup:
         return budget.lr * (step + 1) / budget.warmup
+    if schedule == "wsd":
+        decay = max(round(budget.steps * decay_fraction), 1)
+        left = budget.steps - step  # steps still to take, this one included
+        return budget.lr if left > decay else min_lr + (budget.lr - min_lr) * max(left - 1, 0) / decay
     span = max(budget.steps - budget.warmup, 1)
     cos = 0.5 * (1 + math.cos(math.pi * min(step - budget.warmup, span) / span))
     return min_lr + (budget.lr - min_lr) * cos

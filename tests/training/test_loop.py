@@ -42,6 +42,15 @@ def test_lr_warms_up_then_decays_to_min_lr():
     assert all(lr_at(s, b, 1e-4) >= lr_at(s + 1, b, 1e-4) for s in range(10, 100))
 
 
+def test_wsd_holds_the_peak_then_decays_linearly_to_min_lr_over_the_last_share():
+    b = Budget(steps=100, lr=1e-3, warmup=10)
+    lr = [lr_at(s, b, 1e-4, "wsd", 0.2) for s in range(100)]
+    assert lr[9] == lr[10] == lr[79] == pytest.approx(1e-3)  # warmup, then the plateau until 20 steps are left
+    assert lr[80] < 1e-3 and lr[99] == pytest.approx(1e-4)  # the last step trains at min_lr
+    assert lr[89] - lr[90] == pytest.approx(lr[95] - lr[96])  # a straight line
+    assert lr_at(50, b, 1e-4) < 1e-3  # cosine, the default, is already decaying there
+
+
 class Crash(Exception):
     pass
 
@@ -71,8 +80,8 @@ def setup(root, **sections):
     return params, model, gen, train, val, budget
 
 
-def run_fit(root, ckpt_dir, sink=None, resume=None, ema=0.0, ramp=True):
-    params, model, gen, train, val, budget = setup(root)
+def run_fit(root, ckpt_dir, sink=None, resume=None, ema=0.0, ramp=True, optimizer="adamw"):
+    params, model, gen, train, val, budget = setup(root, train={"optimizer": optimizer})
     budget.ema_decay, budget.ema_ramp = ema, ramp
     progress = fit(model, train, val, params.train, budget, generator=gen, ckpt_dir=ckpt_dir,
                    extra={"fingerprint": "x"}, sink=sink, resume=resume)
@@ -86,14 +95,16 @@ def test_same_seed_gives_bit_identical_losses(workdir):
     assert len(a.history) == 2 and a.history[-1]["val_loss"] < math.log(400)
 
 
-@pytest.mark.parametrize("ema, ramp", [(0.0, True), (0.9, True), (0.9, False)])  # no EMA, scratch's, a grown rung's
-def test_resume_after_a_kill_ends_with_the_same_weights(workdir, ema, ramp):
-    whole, whole_model = run_fit(workdir, workdir / "whole", ema=ema, ramp=ramp)
-    with pytest.raises(Crash):
-        run_fit(workdir, workdir / "killed", sink=CrashAt(25), ema=ema, ramp=ramp)  # last.pt was written at step 20
+@pytest.mark.parametrize("ema, ramp, optimizer", [(0.0, True, "adamw"), (0.9, True, "adamw"), (0.9, False, "adamw"),
+                                                   (0.0, True, "muon")])  # no EMA, scratch's, a grown rung's; Muon's
+def test_resume_after_a_kill_ends_with_the_same_weights(workdir, ema, ramp, optimizer):
+    whole, whole_model = run_fit(workdir, workdir / "whole", ema=ema, ramp=ramp, optimizer=optimizer)
+    with pytest.raises(Crash):  # last.pt was written at step 20
+        run_fit(workdir, workdir / "killed", sink=CrashAt(25), ema=ema, ramp=ramp, optimizer=optimizer)
     last = checkpoint.load(workdir / "killed" / "last.pt")
     assert last["progress"]["step"] == 20
-    resumed, resumed_model = run_fit(workdir, workdir / "killed", resume=last, ema=ema, ramp=ramp)
+    assert ("muon" in last) == (optimizer == "muon")  # its momenta are saved beside AdamW's
+    resumed, resumed_model = run_fit(workdir, workdir / "killed", resume=last, ema=ema, ramp=ramp, optimizer=optimizer)
     assert resumed.history == whole.history
     for (name, a), b in zip(whole_model.state_dict().items(), resumed_model.state_dict().values()):
         assert torch.equal(a, b), name
