@@ -107,6 +107,12 @@ def dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProce
     return run(["dvc", *args], root, check=check)
 
 
+def commit(root: Path, message: str) -> None:
+    """git add -A and commit in a test project, as its user would."""
+    run(["git", "add", "-A"], root)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", message], root)
+
+
 LISTENING = re.compile(r"Uvicorn running on (http://\S+)")
 
 

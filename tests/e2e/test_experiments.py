@@ -5,14 +5,9 @@ import time
 from mlflow import MlflowClient
 
 from mmrec.tracking.compare import main as compare
-from tests.conftest import dvc, run
+from tests.conftest import commit, dvc
 
 ONE_RUNG = {"ladder": {"tiny": {"width": 32, "layers": 1, "memories": 2, "after": "data/tokens"}}}
-
-
-def commit(root, message):
-    run(["git", "add", "-A"], root)
-    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", message], root)
 
 
 def run_queue(root, jobs: int, timeout: float = 400) -> str:

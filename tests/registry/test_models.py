@@ -13,7 +13,7 @@ from mlflow.exceptions import MlflowException
 from mmrec.registry.gate import promote_rung
 from mmrec.registry.models import main as registry_cli
 from mmrec.tracking.store import fluent_store, tracking_uri
-from tests.conftest import dvc, kill_tree, run, start_server, tiny_params
+from tests.conftest import commit, dvc, kill_tree, start_server, tiny_params
 from tests.registry.test_gate import plant_pickle, rung_with_checkpoint
 
 ONE_RUNG = {"ladder": {"tiny": {"width": 32, "layers": 1, "memories": 2, "after": "data/tokens"}}}
@@ -178,11 +178,6 @@ def test_mlflow_models_serve_answers_with_40_tokens_by_default_and_400_for_a_bad
     finally:
         kill_tree(server.pid)
         server.wait()
-
-
-def commit(root, message):
-    run(["git", "add", "-A"], root)
-    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", message], root)
 
 
 @pytest.mark.e2e  # two dvc experiments: ~110 s
