@@ -110,10 +110,17 @@ def read_rungs(params: Params, root: Path = Path(".")) -> list[dict[str, Any]]:
         train, evaluate, promote = f"train@{name}", f"evaluate@{name}", f"promote@{name}"
         rungs.append({"name": name, "parent": rung.parent, "train": load_json(p.metrics, train),
                       "speed": load_json(p.speed, train), "eval": load_json(p.eval_metrics, evaluate),
+                      "eval_speed": load_json(p.eval_speed, evaluate),
                       "promotion": load_json(p.promotion, promote),
                       "train_curve": read_curve(p.train_curve, "train_loss", train),
                       "val_curve": read_curve(p.val_curve, "val_loss", train)})
     return rungs
+
+
+def eval_time(rung: dict[str, Any]) -> str:
+    """evaluate's seconds and its speed as a multiple of the rung's training tokens/s."""
+    e, t = rung["eval_speed"], rung["speed"]["tokens_per_s"]
+    return f"{e['seconds']:.1f} s ({e['model_tokens_per_s'] / t:.1f}x)" if t else f"{e['seconds']:.1f} s"
 
 
 def cpu_model() -> str:
@@ -197,15 +204,17 @@ def render(rungs: list[dict[str, Any]], corpus: dict[str, Any], tokenizer: dict[
            "pause between attempts included); tokens/s and MFU are medians over its training steps, on the machine "
            "that trained it.\n",
            "## Rungs: test and gate\n",
-           table(["rung", "test bpb, full context", "test bpb, windows", "test documents", "gain [interval]",
-                  "over", "decision"],
+           table(["rung", "test bpb, full context", "test bpb, windows", "test documents", "evaluate",
+                  "gain [interval]", "over", "decision"],
                  [[r["name"], num(r["eval"][GATE_METRIC]), num(r["eval"]["test_bpb"]),
-                   count(r["eval"]["test_documents"]), gain(r["promotion"]), r["promotion"].get("compared_to", "-"),
-                   decision(r["promotion"])] for r in rungs], text_from=5),
+                   count(r["eval"]["test_documents"]), eval_time(r), gain(r["promotion"]),
+                   r["promotion"].get("compared_to", "-"), decision(r["promotion"])] for r in rungs], text_from=6),
            "Bits per test byte: the test split's bits under the model over its UTF-8 bytes; full context is the "
            "gate's figure (MM-Rec carries its state through the whole split), windows score it in train.seq_len "
            "pieces. The gain is the figure of `over` minus this one, with its bootstrap interval over test documents "
-           "(docs/registry.md, \"Reading the gain and its interval\"). The gate's reasons:\n",
+           "(docs/registry.md, \"Reading the gain and its interval\"). Evaluate: its wall time, and the tokens its "
+           "two passes fed the model a second over training's tokens/s (forward only, so well above 1). The gate's "
+           "reasons:\n",
            "".join(f"- {r['name']}: {r['promotion'].get('reason', '')}\n" for r in rungs),
            "## Baselines on the same test text\n",
            table(["baseline", "bits per test byte", "what it knows"],

@@ -34,6 +34,7 @@ def figures(root: Path) -> dict:
                              "final_train_loss": 1.0, "final_val_loss": 1.3, "n_params": 25730 + 1000000 * i,
                              "tokens_seen": (40 + 300 * i) * 256, "stopped_early": False},
                    "speed": {"tokens_per_s": 29105.4 - i * 1000, "mfu": 0.069512 + i / 10, "seconds": 12.345 + 100 * i},
+                   "eval_speed": {"seconds": 3.456 + 10 * i, "model_tokens_per_s": 78583.1 - i * 3000},
                    "eval": {"test_bpb": 0.84081 - i / 2, "test_bpb_context": 0.89196 - i / 2, "test_documents": 11 + i,
                             "unigram_bpb": 2.11886},
                    "promotion": {"promoted": True, "champion": i == 1, "model_version": str(i + 1),
@@ -44,6 +45,7 @@ def figures(root: Path) -> dict:
         write(root / f"metrics/train/{rung}.json", f[rung]["train"])
         write(root / f"metrics/speed/{rung}.json", f[rung]["speed"])
         write(root / f"metrics/eval/{rung}.json", f[rung]["eval"])
+        write(root / f"metrics/speed/eval/{rung}.json", f[rung]["eval_speed"])
         write(root / f"models/{rung}/promotion.json", f[rung]["promotion"])
         write(root / f"metrics/curves/train/{rung}.csv", "step,train_loss,lr\n" + "".join(
             f"{s},{3 - s / 400},0.01\n" for s in range(1, f[rung]["train"]["steps"] + 1)))
@@ -89,6 +91,10 @@ def test_every_number_of_the_report_is_the_one_in_its_file(tmp_path):
         assert number(row["test bpb, full context"]) == pytest.approx(rung["eval"]["test_bpb_context"], abs=5e-5)
         assert number(row["test bpb, windows"]) == pytest.approx(rung["eval"]["test_bpb"], abs=5e-5)
         assert number(row["test documents"]) == rung["eval"]["test_documents"]
+        seconds, times = row["evaluate"].split(" s (")
+        assert number(seconds) == pytest.approx(rung["eval_speed"]["seconds"], abs=0.05)
+        assert float(times.removesuffix("x)")) == pytest.approx(
+            rung["eval_speed"]["model_tokens_per_s"] / rung["speed"]["tokens_per_s"], abs=0.05)
         assert number(row["gain [interval]"].split()[0]) == pytest.approx(rung["promotion"]["gain"], abs=5e-5)
         assert row["over"] == rung["promotion"]["compared_to"]
     assert [r["gain [interval]"].split()[1] for r in t["Rungs: test and gate"]] == ["-", "[0.5127,0.5822]"]
