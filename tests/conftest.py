@@ -143,6 +143,14 @@ def kill_tree(pid: int) -> None:
         p.kill()
 
 
+def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 120) -> bool:
+    """Whether `path` (a training's first last.pt, say) appeared before proc ended or the timeout passed."""
+    deadline = time.time() + timeout
+    while not path.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    return path.exists()
+
+
 def make_project(root: Path, corpus: Path):
     """A fresh git + DVC copy of the repository at `root` with tiny params reading `corpus`; returns a setter for params."""
     root.mkdir()

@@ -25,7 +25,7 @@ from mmrec.errors import UserError
 from mmrec.paths import RungPaths
 from mmrec.pipeline.checkpoint_dirs import training_dir
 from mmrec.pipeline.rung import check_nodes_agree
-from tests.conftest import REPO, TINY_PARAMS, deep_merge, dvc, kill_tree, run
+from tests.conftest import REPO, TINY_PARAMS, deep_merge, dvc, kill_tree, run, wait_for_file
 from tests.e2e.test_experiments import commit
 from tests.e2e.test_bad_input_and_kills import ONE_RUNG
 
@@ -69,9 +69,7 @@ def test_two_gloo_processes_train_log_once_and_resume_to_the_same_result(workdir
     (killed / "models/tiny").exists() and subprocess.run(["rm", "-r", str(killed / "models/tiny")], check=True)
     proc = start(killed)
     last = killed / "checkpoints/tiny/last.pt"
-    deadline = time.time() + 120
-    while not last.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    wait_for_file(last, proc)
     kill_tree(proc.pid)
     proc.wait()
     assert last.exists() and not (killed / "metrics/train/tiny.json").exists(), "the run ended before the kill"
@@ -88,10 +86,7 @@ def test_ctrl_c_stops_every_rank_at_the_same_step_and_the_run_ends_killed(workdi
     once, and each leave with one line and exit 130 (one alone would leave the other waiting in an all-reduce)."""
     proc = start(workdir, deep_merge(PARAMS, {"train": {"max_steps": 5000, "max_tokens": 0, "eval_every": 20}}))
     last = workdir / "checkpoints/tiny/last.pt"
-    deadline = time.time() + 180
-    while not last.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert last.exists(), proc.communicate()[0][-3000:]
+    assert wait_for_file(last, proc, 180), proc.communicate()[0][-3000:]
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole foreground process group
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 130 and "Traceback" not in out, out[-3000:]
@@ -112,10 +107,7 @@ def test_ctrl_c_keeps_the_agreed_save_when_a_rank_needs_longer_than_torchruns_gr
     proc = start(workdir, deep_merge(PARAMS, {"train": {"max_steps": 5000, "max_tokens": 0, "eval_every": 20}}),
                  env={"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "2"})
     last = workdir / "checkpoints/tiny/last.pt"
-    deadline = time.time() + 180
-    while not last.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert last.exists(), proc.communicate()[0][-3000:]
+    assert wait_for_file(last, proc, 180), proc.communicate()[0][-3000:]
     [rank0] = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.environ().get("RANK") == "0"]
     rank0.suspend()
     os.killpg(proc.pid, signal.SIGINT)

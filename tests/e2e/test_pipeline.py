@@ -7,7 +7,7 @@ import pytest
 from mlflow import MlflowClient
 
 from mmrec.tracking.store import fluent_store
-from tests.conftest import dvc, kill_tree, ran, run
+from tests.conftest import dvc, kill_tree, ran, run, wait_for_file
 
 # Loaded by every python process of a `dvc repro` (PYTHONPATH): once tiny has trained, the wall clock steps by a
 # second (an NTP step, a VM resumed from a snapshot). Linux derives boot time (/proc/stat btime) from the wall
@@ -104,7 +104,6 @@ def test_a_rejected_rung_stops_repro_with_one_line_and_moves_no_alias(project):
 def test_a_killed_train_stage_resumes_under_dvc_and_ends_with_the_same_metrics(project, tmp_path):
     import shutil
     import subprocess
-    import time
 
     root, set_params = project
     set_params(train={"max_steps": 150, "eval_every": 10})
@@ -116,9 +115,7 @@ def test_a_killed_train_stage_resumes_under_dvc_and_ends_with_the_same_metrics(p
     proc = subprocess.Popen(["dvc", "repro", "train@tiny"], cwd=root, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     last = root / "checkpoints/tiny/last.pt"
-    deadline = time.time() + 120
-    while not last.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    wait_for_file(last, proc)
     kill_tree(proc.pid)
     proc.wait()
     assert last.exists() and not (root / "models/tiny/best.pt").exists(), "the stage ended before the kill"
