@@ -259,6 +259,9 @@ NOT_THE_MODEL = (
 IS_THE_MODEL = ("promote.growth_noise",)  # in the gate's section, but it changes a grown rung's weights
 # What shapes growth and the training after it: of a grown rung's config, never of one trained from scratch
 GROWTH_ONLY = ("train.growth_lr_scale", "train.rewarmup_steps", "train.growth_split", "promote.growth_noise")
+# Params added after runs were first tagged with their config: left out while at their default, so the runs of a
+# config before and after the addition stay one group (a new key's default is what every older run trained with)
+ADDED_LATER = ("train.schedule", "train.decay_fraction", "train.optimizer", "train.muon_momentum")
 
 
 def _under(key: str, prefixes: tuple[str, ...]) -> bool:
@@ -348,6 +351,8 @@ class Params(Section):
         flat = flatten(self.model_dump(exclude={"ladder"}) | {"ladder": chain})
         if len(chain) == 1:
             flat = {k: v for k, v in flat.items() if k not in GROWTH_ONLY}
+        defaults = flatten(Params().model_dump(include={"train"}))
+        flat = {k: v for k, v in flat.items() if k not in ADDED_LATER or v != defaults[k]}
         return {k: v for k, v in flat.items() if k in IS_THE_MODEL or not _under(k, NOT_THE_MODEL)}
 
     def config_digest(self, rung: str) -> str:
