@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from mmrec.cpus import usable_cpus  # noqa: E402
 
-COPIED = ["mmrec", "stages", "dvc.yaml", "params.yaml", ".gitignore", ".dvc/config", ".dvc/.gitignore"]
+COPIED = ["mmrec", "stages", "dvc.yaml", "params.yaml", ".gitignore", ".dvc/config", ".dvc/.gitignore",
+          "attempts/.gitignore"]
 BUSY = "while True: pass"
 
 
