@@ -5,11 +5,18 @@ beside SentencePiece's own encode speed on the same text with the same threads, 
     python bench/bench_data.py                         # 0.1 and 1 GB of generated code
     python bench/bench_data.py --sizes 5 --workdir /mnt/big/bench-data
     python bench/bench_data.py --source ~/corpora/stack.jsonl.zst --group-by ''   # a corpus of your own
+    python bench/bench_data.py --ladder --steps 60 --eval-tokens 150000    # then the whole ladder, small budgets
+    python bench/bench_data.py --source ~/corpora/python-src.parquet --ladder --steps 0  # docs/data.md's recipe
 
 A generated corpus is every .py file of this Python installation (stdlib and site-packages, about 300 MB),
 copied with a header line that makes each copy a new document until the size is reached, written as
 .jsonl.zst. It is built once per size under --workdir and reused. Code is the case the layout option is
 for, so the stages run with data.keep_layout and whitespace-only pieces (BPE, vocab 8192, coverage 0.9995).
+
+With --ladder the rest of the pipeline runs after them on the same corpus: train, evaluate and promote of
+the tiny rung, then of the mini grown from it (--steps N training steps each, one val pass at the end; 0:
+the rungs' own budgets and evaluations), each stage script alone: its wall time and peak RSS, and evaluate's tokens/s beside its rung's training tokens/s from
+the same run (metrics/speed/). No stage after the tokenizer may grow with the train split.
 
 Peak RSS is the stage's whole process tree (the stage and its cleaning workers, summed), sampled every
 0.1 s. Targets on a 2-core machine: under 1.5 GB at every size; each stage at >= 80 % of the limit; MB/s
@@ -100,16 +107,16 @@ class PeakRss:
         return self.peak / 2**20
 
 
-def run_stage(project: Path, stage: str) -> tuple[float, float]:
+def run_stage(project: Path, stage: str, *args: str) -> tuple[float, float]:
     """Run stages/<stage>.py in `project`: (wall seconds, peak RSS MB of its process tree)."""
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "stages" / f"{stage}.py")], cwd=project,
+    proc = subprocess.Popen([sys.executable, str(ROOT / "stages" / f"{stage}.py"), *args], cwd=project,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     rss = PeakRss(proc.pid)
     out, _ = proc.communicate()
     seconds, peak = time.perf_counter() - start, rss.stop()
     if proc.returncode:
-        sys.exit(f"{stage} failed:\n{out}")
+        sys.exit(f"{stage} {' '.join(args)} failed:\n{out}")
     return seconds, peak
 
 
@@ -178,7 +185,46 @@ def write_params(project: Path, source: Path, args: argparse.Namespace) -> None:
     params["data"] |= {"source": str(source), "group_by": args.group_by, "keep_layout": args.layout == "keep"}
     params["tokenizer"] |= {"vocab_size": args.vocab_size, "character_coverage": 0.9995,
                             "allow_whitespace_only_pieces": args.whitespace_pieces}
+    if args.ladder:
+        if args.steps:
+            for rung in params["ladder"].values():
+                rung["max_steps"] = args.steps
+            params["train"]["eval_every"] = args.steps
+        params["train"]["checkpoint_dir"] = str(project / "checkpoints")
+        params["evaluate"] |= {"max_tokens": args.eval_tokens, "prompts": ["def ", "import "]}
+        params["promote"]["on_reject"] = "continue"  # the bench wants every stage's figures, not the gate's verdict
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def ladder(project: Path) -> list[dict]:
+    """Train, evaluate and promote each rung in order, the stage scripts alone: wall s and peak RSS of each,
+    and evaluate's test tokens/s (and model tokens/s) beside the rung's training tokens/s."""
+    rows = []
+    rungs = list(yaml.safe_load((project / "params.yaml").read_text())["ladder"])
+    for rung in rungs:
+        for stage in ("train", "evaluate", "promote"):
+            seconds, rss = run_stage(project, stage, rung)
+            row = dict(stage=f"{stage}@{rung}", seconds=seconds, rss_mb=rss)
+            if stage == "train":
+                row["tokens_per_s"] = json.loads((project / f"metrics/speed/{rung}.json").read_text())["tokens_per_s"]
+            if stage == "evaluate":
+                speed = json.loads((project / f"metrics/speed/eval/{rung}.json").read_text())
+                row |= {"tokens_per_s": speed["tokens_per_s"], "model_tokens_per_s": speed["model_tokens_per_s"],
+                        "train_tokens_per_s": rows[-1]["tokens_per_s"],
+                        "bpb": json.loads((project / f"metrics/eval/{rung}.json").read_text())["test_bpb_context"]}
+            rows.append(row)
+    return rows
+
+
+def print_ladder(name: str, rows: list[dict]) -> None:
+    print(f"\n| corpus | stage | wall s | peak RSS MB | tokens/s | evaluate: model tokens/s vs training's |"
+          f"\n|---|---|---:|---:|---:|---:|")
+    for row in rows:
+        rate = f"{row['tokens_per_s']:,.0f}" if "tokens_per_s" in row else ""
+        ratio = (f"{row['model_tokens_per_s']:,.0f} = {row['model_tokens_per_s'] / row['train_tokens_per_s']:.2f}x"
+                 f" (bpb {row['bpb']:.3f})" if "model_tokens_per_s" in row else "")
+        print(f"| {name} | {row['stage']} | {row['seconds']:.1f} | {row['rss_mb']:.0f} | {rate} | {ratio} |")
+    sys.stdout.flush()
 
 
 def bench(source: Path, project: Path, args: argparse.Namespace) -> list[dict]:
@@ -190,7 +236,7 @@ def bench(source: Path, project: Path, args: argparse.Namespace) -> list[dict]:
         speed = json.loads((project / "metrics/speed" / f"{stage}.json").read_text())
         rows.append(dict(stage=stage, seconds=seconds, mb=speed["bytes"] / 1e6, rss_mb=rss, speed=speed))
     rows.append(dict(stage="limit", **encode_limit(project, rows[1]["speed"]["encode_threads"])))
-    return rows
+    return rows + (ladder(project) if args.ladder else [])
 
 
 def main() -> None:
@@ -208,6 +254,9 @@ def main() -> None:
                         help="then train the tokenizer alone on samples of these MB (of the first corpus's train "
                              "split): seconds and peak RSS, to choose tokenizer.sample_bytes")
     parser.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe", help="for --sample-sweep")
+    parser.add_argument("--ladder", action="store_true", help="then train, evaluate and promote tiny and mini")
+    parser.add_argument("--steps", type=int, default=60, help="training steps of each rung for --ladder (0: its own)")
+    parser.add_argument("--eval-tokens", type=int, default=0, help="evaluate.max_tokens for --ladder (0: all)")
     parser.add_argument("--sweep-only", action="store_true", help="skip the stages: sweep a corpus prepared before")
     args = parser.parse_args()
     if args.whitespace_pieces is None:
@@ -231,11 +280,12 @@ def main() -> None:
         sample_sweep(projects[0], args.sample_sweep or [32], args.model_type, args.vocab_size,
                      args.whitespace_pieces)
         return
+    ladders = []
     print("\n| corpus | stage | wall s | text MB | MB/s | peak RSS MB | vs limit |\n|---|---|---:|---:|---:|---:|---:|")
     for (name, source), project in zip(cases, projects):
         rows = bench(source, project, args)
-        limit = rows[-1]["limit"]
-        for row in rows[:-1]:
+        limit = rows[2]["limit"]
+        for row in rows[:2]:
             rate = row["mb"] / row["seconds"]
             print(f"| {name} | {row['stage']} | {row['seconds']:.1f} | {row['mb']:.0f} | {rate:.2f} | "
                   f"{row['rss_mb']:.0f} | {rate / limit:.0%} |")
@@ -243,12 +293,15 @@ def main() -> None:
         print(f"| {name} | tokenizer: train on the sample | {tok['train_seconds']:.1f} | | | | |")
         print(f"| {name} | tokenizer: encode pass | {tok['encode_seconds']:.1f} | {tok['bytes'] / 1e6:.0f} | "
               f"{tok['encode_mb_per_s']:.2f} | | {tok['encode_mb_per_s'] / limit:.0%} |")
-        paired = rows[-1]
+        paired = rows[2]
         print(f"| {name} | limit: spm.encode, {paired['threads']} threads, {paired['mb']:.0f} MB in memory | "
               f"| {paired['mb']:.0f} | {limit:.2f} | | 100% |")
         print(f"| {name} | the stage's encode code on the same {paired['mb']:.0f} MB, in turns with the limit | "
               f"| {paired['mb']:.0f} | {paired['ours']:.2f} | | {paired['ours'] / limit:.0%} |")
         sys.stdout.flush()
+        ladders.append((name, rows[3:]))
+    for name, rows in ladders:
+        print_ladder(name, rows)
     if args.sample_sweep:
         sample_sweep(projects[0], args.sample_sweep, args.model_type, args.vocab_size, args.whitespace_pieces)
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
