@@ -164,6 +164,7 @@ class TrainParams(Section):
     eval_windows: PositiveInt = 32  # fixed validation windows of seq_len tokens
     patience: Annotated[int, Field(ge=0)] = 0  # evaluations without improvement; 0 never stops early
     log_every: PositiveInt = 10
+    recompute: bool = False  # keep only each block's input for backward and run the block again: less memory, same bits
     threads: Annotated[int, Field(ge=0, le=1024)] = 0  # 0: a fair share, cores / trainings running at once (mmrec/training/cores.py)
     nproc: Annotated[int, Field(ge=1, le=1024)] = 1  # data-parallel processes on each machine (torchrun)
     nnodes: Annotated[int, Field(ge=1, le=1024)] = 1  # machines that train together (docs/gpus.md)
@@ -251,6 +252,7 @@ NOT_THE_MODEL = (
     "seed",  # the axis along which the runs of one config vary
     "data.timeout_s", "data.retries", "data.max_bytes",  # how a download is fetched, never what it holds
     "train.threads", "train.log_every", "train.checkpoint_dir",  # speed, logging, where last.pt waits
+    "train.recompute",  # memory against time; the same weights
     "train.rdzv_endpoint",  # where the nodes meet (the resume fingerprint leaves it out too)
     "evaluate.batch_size",  # the same tokens scored, in other batches
     "evaluate.prompts", "evaluate.sample_tokens", "evaluate.temperature", "evaluate.top_k",  # samples.txt only

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from mmrec.config import ModelParams, RungParams
 from mmrec.errors import UserError
@@ -213,6 +214,7 @@ class LanguageModel(nn.Module):
         self.norm_f = nn.RMSNorm(cfg.width, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.width, cfg.vocab_size, bias=False)
         self.head.weight = self.wte.weight  # tied
+        self.recompute = False  # train.recompute: activation checkpointing per block, set by the trainer
         self.apply(self._init)
         for name, p in self.named_parameters():  # residual-stream writers, as in GPT-2
             if name.endswith(("out.weight", "proj.weight", "down.weight")):
@@ -228,8 +230,13 @@ class LanguageModel(nn.Module):
         """idx, targets: [B, T] (targets already shifted by the caller). state: from a previous call (mmrec)."""
         x = self.drop(self.wte(idx))
         new_state, auxes = [], []
+        recompute = self.recompute and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x, h_last, aux = block(x, None if state is None else state[i], targets is not None)
+            h0 = None if state is None else state[i]
+            if recompute:  # backward runs the block again (same RNG state, so the same dropout masks)
+                x, h_last, aux = checkpoint(block, x, h0, targets is not None, use_reentrant=False)
+            else:
+                x, h_last, aux = block(x, h0, targets is not None)
             new_state.append(h_last)
             if aux is not None:
                 auxes.append(aux)

@@ -200,6 +200,7 @@ class Trainer:
         self.model, self.train_tokens, self.tp, self.budget, self.generator = model, train, tp, budget, generator
         self.tokens_per_step = tp.batch_size * tp.seq_len * tp.grad_accum * group.world
         self.ckpt_dir, self.extra, self.device, self.group = ckpt_dir, extra, device, group
+        model.recompute = tp.recompute
         self.optimizers = build_optimizers(model, tp, budget.lr, device)  # by checkpoint key
         self.ema = ema_of(model, budget.ema_decay, ramp=budget.ema_ramp) if budget.ema_decay else None
         self.progress = Progress()

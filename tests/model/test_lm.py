@@ -82,6 +82,31 @@ def test_tiny_model_overfits_one_batch(arch):
     assert loss.item() < 0.5
 
 
+@pytest.mark.parametrize("arch", ["mmrec", "gpt"])
+def test_recompute_gives_the_same_weights_with_less_kept_for_backward(arch):
+    """train.recompute: the same losses and weights bit for bit (dropout masks included), fewer saved tensors."""
+    runs = {}
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        model = build_model(config(arch, uboo_weight=0.5 if arch == "mmrec" else 0.0, dropout=0.1))
+        model.recompute = recompute
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        x = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(1))
+        saved, losses = [], []
+        for _ in range(3):
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+                out = model(x[:, :-1], x[:, 1:])
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(out.loss.item())
+        runs[recompute] = losses, [p.detach().clone() for p in model.parameters()], sum(saved)
+    (loss_a, weights_a, saved_a), (loss_b, weights_b, saved_b) = runs[False], runs[True]
+    assert loss_a == loss_b
+    assert all(torch.equal(a, b) for a, b in zip(weights_a, weights_b))
+    assert saved_b < saved_a / 2, (saved_a, saved_b)
+
+
 def test_default_tiny_parameter_count():
     for arch in ("mmrec", "gpt"):
         cfg = ModelConfig.from_params(ModelParams(arch=arch), RungParams(width=128, layers=4), 5000)
