@@ -15,8 +15,8 @@ for, so the stages run with data.keep_layout and whitespace-only pieces (BPE, vo
 
 With --ladder the rest of the pipeline runs after them on the same corpus: train, evaluate and promote of
 the tiny rung, then of the mini grown from it (--steps N training steps each, one val pass at the end; 0:
-the rungs' own budgets and evaluations), each stage script alone: its wall time and peak RSS, and evaluate's tokens/s beside its rung's training tokens/s from
-the same run (metrics/speed/). No stage after the tokenizer may grow with the train split.
+the rungs' own budgets and evaluations), each stage script alone: its wall time and peak RSS, and
+evaluate's tokens/s beside its rung's training tokens/s from the same run (metrics/speed/). No stage after the tokenizer may grow with the train split.
 
 Peak RSS is the stage's whole process tree (the stage and its cleaning workers, summed), sampled every
 0.1 s. Targets on a 2-core machine: under 1.5 GB at every size; each stage at >= 80 % of the limit; MB/s
@@ -227,7 +227,8 @@ def print_ladder(name: str, rows: list[dict]) -> None:
     sys.stdout.flush()
 
 
-def bench(source: Path, project: Path, args: argparse.Namespace) -> list[dict]:
+def bench(source: Path, project: Path, args: argparse.Namespace) -> tuple[list[dict], dict, list[dict]]:
+    """The data stages' rows, the paired encode limit, and the ladder's rows (none without --ladder)."""
     project.mkdir(parents=True, exist_ok=True)
     write_params(project, source, args)
     rows = []
@@ -235,8 +236,8 @@ def bench(source: Path, project: Path, args: argparse.Namespace) -> list[dict]:
         seconds, rss = run_stage(project, stage)
         speed = json.loads((project / "metrics/speed" / f"{stage}.json").read_text())
         rows.append(dict(stage=stage, seconds=seconds, mb=speed["bytes"] / 1e6, rss_mb=rss, speed=speed))
-    rows.append(dict(stage="limit", **encode_limit(project, rows[1]["speed"]["encode_threads"])))
-    return rows + (ladder(project) if args.ladder else [])
+    limit = encode_limit(project, rows[1]["speed"]["encode_threads"])
+    return rows, limit, ladder(project) if args.ladder else []
 
 
 def main() -> None:
@@ -283,9 +284,9 @@ def main() -> None:
     ladders = []
     print("\n| corpus | stage | wall s | text MB | MB/s | peak RSS MB | vs limit |\n|---|---|---:|---:|---:|---:|---:|")
     for (name, source), project in zip(cases, projects):
-        rows = bench(source, project, args)
-        limit = rows[2]["limit"]
-        for row in rows[:2]:
+        rows, paired, ladder_rows = bench(source, project, args)
+        limit = paired["limit"]
+        for row in rows:
             rate = row["mb"] / row["seconds"]
             print(f"| {name} | {row['stage']} | {row['seconds']:.1f} | {row['mb']:.0f} | {rate:.2f} | "
                   f"{row['rss_mb']:.0f} | {rate / limit:.0%} |")
@@ -293,13 +294,12 @@ def main() -> None:
         print(f"| {name} | tokenizer: train on the sample | {tok['train_seconds']:.1f} | | | | |")
         print(f"| {name} | tokenizer: encode pass | {tok['encode_seconds']:.1f} | {tok['bytes'] / 1e6:.0f} | "
               f"{tok['encode_mb_per_s']:.2f} | | {tok['encode_mb_per_s'] / limit:.0%} |")
-        paired = rows[2]
         print(f"| {name} | limit: spm.encode, {paired['threads']} threads, {paired['mb']:.0f} MB in memory | "
               f"| {paired['mb']:.0f} | {limit:.2f} | | 100% |")
         print(f"| {name} | the stage's encode code on the same {paired['mb']:.0f} MB, in turns with the limit | "
               f"| {paired['mb']:.0f} | {paired['ours']:.2f} | | {paired['ours'] / limit:.0%} |")
         sys.stdout.flush()
-        ladders.append((name, rows[3:]))
+        ladders.append((name, ladder_rows))
     for name, rows in ladders:
         print_ladder(name, rows)
     if args.sample_sweep:

@@ -52,15 +52,17 @@ def long_lines(text: str, min_chars: int) -> list[str]:
     return [line for line in (raw.strip() for raw in text.splitlines()) if len(line) >= min_chars]
 
 
-def line_hashes(path: Path, escaped: bool, min_chars: int, max_bytes: int = 0) -> np.ndarray:
-    """Sorted unique hashes of the long lines of a split's documents (the first `max_bytes` of them)."""
-    hashes, size = array.array("q"), 0
+def line_hashes(path: Path, escaped: bool, min_chars: int, window_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted unique hashes of the long lines of a split's documents: of all of them, and of those within the
+    first `window_bytes` (what the compressors see), in one read of the split."""
+    hashes, size, window = array.array("q"), 0, None
     for doc in read_docs(path, escaped):
         size += len(doc.encode("utf-8"))
-        if max_bytes and size > max_bytes:
-            break
+        if window is None and size > window_bytes:
+            window = len(hashes)
         hashes.extend(hash(line) for line in long_lines(doc, min_chars))
-    return np.unique(np.frombuffer(hashes, dtype=np.int64))
+    every = np.frombuffer(hashes, dtype=np.int64)
+    return np.unique(every), np.unique(every[:window])
 
 
 def overlap(test_docs: list[str], seen: np.ndarray, min_chars: int) -> tuple[float, list[bool]]:
@@ -88,7 +90,7 @@ def model_bpb(root: Path, rung: str, docs: list[str]) -> float | None:
     scores = json.loads(path.read_text())
     by_id = {i: (b, n) for i, b, n in zip(scores["ids"], scores["bits"], scores["bytes"])}
     picked = [by_id[doc_id(d)] for d in docs if doc_id(d) in by_id]
-    return sum(b for b, _ in picked) / max(sum(n for _, n in picked), 1)
+    return sum(b for b, _ in picked) / sum(n for _, n in picked) if picked else None  # evaluate may score a cut
 
 
 def xz(data: bytes) -> int:
@@ -114,16 +116,16 @@ def main() -> None:
     print(f"train {train_bytes / 1e6:.1f} MB first, test {sum(len(d.encode()) for d in test_docs) / 1e6:.2f} MB "
           "(documents' own bytes)")
     near: list[bool] = []
-    for where, limit in (("the whole train split", 0), (f"the first {train_bytes / 1e6:.0f} MB", train_bytes)):
-        share, near = overlap(test_docs, line_hashes(prepared / "train.txt", escaped, args.min_line, limit),
-                              args.min_line)
+    seen = line_hashes(prepared / "train.txt", escaped, args.min_line, train_bytes)
+    for where, hashes in zip(("the whole train split", f"the first {train_bytes / 1e6:.0f} MB"), seen):
+        share, near = overlap(test_docs, hashes, args.min_line)
         print(f"test bytes in lines of >= {args.min_line} characters found verbatim in {where}: {share:.1%}; "
               f"near-copies: {sum(near)} of {len(near)} test documents", flush=True)
     # near: of what the compressors see. Every figure twice: all test documents, and all but those near-copies.
     subsets = {"all": test_docs, "no near-copies": [d for d, n in zip(test_docs, near) if not n]}
     for rung in args.rungs.split(","):
         got = {k: model_bpb(args.root, rung, docs) for k, docs in subsets.items()}
-        if got["all"] is not None:
+        if None not in got.values():
             print(f"{rung} (evaluate's gate figure): all {got['all']:.3f}, no near-copies {got['no near-copies']:.3f}")
     compressors = {"xz -9e": xz, **({"zstd -19 --long=27": zstd} if shutil.which("zstd") else {})}
     for name, size_of in compressors.items():
