@@ -88,9 +88,11 @@ def model_bpb(root: Path, rung: str, docs: list[str]) -> float | None:
     if not path.exists():
         return None
     scores = json.loads(path.read_text())
+    if not scores["whole_split"]:  # evaluate.max_tokens cut the split: not the same documents
+        return None
     by_id = {i: (b, n) for i, b, n in zip(scores["ids"], scores["bits"], scores["bytes"])}
     picked = [by_id[doc_id(d)] for d in docs if doc_id(d) in by_id]
-    return sum(b for b, _ in picked) / sum(n for _, n in picked) if picked else None  # evaluate may score a cut
+    return sum(b for b, _ in picked) / sum(n for _, n in picked) if picked else None
 
 
 def xz(data: bytes) -> int:
