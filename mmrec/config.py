@@ -149,9 +149,9 @@ class TrainParams(Section):
     rewarmup_steps: Annotated[int, Field(ge=0)] = 20  # warmup of a rung grown from its parent
     growth_lr_scale: Annotated[float, Field(gt=0, le=1)] = 0.5  # a grown rung's peak lr: lr x this (unless ladder.<rung>.lr)
     growth_split: Annotated[float, Field(ge=0, le=2)] = GROWTH_SPLIT  # uneven shares of width copies; 0: even (symmetric)
-    schedule: Literal["cosine", "wsd"] = "cosine"  # after warmup: cosine to min_lr, or warmup-stable-decay
+    schedule: Literal["cosine", "wsd"] = "wsd"  # after warmup: cosine to min_lr, or warmup-stable-decay
     decay_fraction: Annotated[float, Field(gt=0, le=1)] = 0.2  # wsd: the last share of the steps, linear to min_lr
-    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon for the hidden matrices, AdamW for the rest (optim.py)
+    optimizer: Literal["adamw", "muon"] = "muon"  # muon: Muon for the hidden matrices, AdamW for the rest (optim.py)
     muon_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.95
     weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.1
     beta1: Annotated[float, Field(ge=0, lt=1)] = 0.9
@@ -261,9 +261,11 @@ NOT_THE_MODEL = (
 IS_THE_MODEL = ("promote.growth_noise",)  # in the gate's section, but it changes a grown rung's weights
 # What shapes growth and the training after it: of a grown rung's config, never of one trained from scratch
 GROWTH_ONLY = ("train.growth_lr_scale", "train.rewarmup_steps", "train.growth_split", "promote.growth_noise")
-# Params added after runs were first tagged with their config: left out while at their default, so the runs of a
-# config before and after the addition stay one group (a new key's default is what every older run trained with)
-ADDED_LATER = ("train.schedule", "train.decay_fraction", "train.optimizer", "train.muon_momentum")
+# Params added after runs were first tagged with their config, and the value every run before them trained with:
+# left out of the identity at that value, so a config's runs before and after the addition stay one group (a
+# default changed later is not that value, so its runs are another config, as they should be)
+ADDED_LATER = {"train.schedule": "cosine", "train.decay_fraction": 0.2, "train.optimizer": "adamw",
+               "train.muon_momentum": 0.95}
 
 
 def _under(key: str, prefixes: tuple[str, ...]) -> bool:
@@ -353,8 +355,7 @@ class Params(Section):
         flat = flatten(self.model_dump(exclude={"ladder"}) | {"ladder": chain})
         if len(chain) == 1:
             flat = {k: v for k, v in flat.items() if k not in GROWTH_ONLY}
-        defaults = flatten(Params().model_dump(include={"train"}))
-        flat = {k: v for k, v in flat.items() if k not in ADDED_LATER or v != defaults[k]}
+        flat = {k: v for k, v in flat.items() if k not in ADDED_LATER or v != ADDED_LATER[k]}
         return {k: v for k, v in flat.items() if k in IS_THE_MODEL or not _under(k, NOT_THE_MODEL)}
 
     def config_digest(self, rung: str) -> str:

@@ -48,7 +48,7 @@ def test_wsd_holds_the_peak_then_decays_linearly_to_min_lr_over_the_last_share()
     assert lr[9] == lr[10] == lr[79] == pytest.approx(1e-3)  # warmup, then the plateau until 20 steps are left
     assert lr[80] < 1e-3 and lr[99] == pytest.approx(1e-4)  # the last step trains at min_lr
     assert lr[89] - lr[90] == pytest.approx(lr[95] - lr[96])  # a straight line
-    assert lr_at(50, b, 1e-4) < 1e-3  # cosine, the default, is already decaying there
+    assert lr_at(50, b, 1e-4) < 1e-3  # cosine is already decaying there
 
 
 class Crash(Exception):
