@@ -47,4 +47,4 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     assert not muon & adamw and muon | adamw == {id(p) for p in model.parameters()}
     for name, p in model.named_parameters():
         assert (id(p) in muon) == (p.dim() == 2 and not name.startswith("wte")), name  # the tied embedding/head: AdamW
-    assert list(build_optimizers(model, TrainParams(), 1e-3, torch.device("cpu"))) == ["optimizer"]  # AdamW alone
+    assert list(build_optimizers(model, TrainParams(optimizer="adamw"), 1e-3, torch.device("cpu"))) == ["optimizer"]  # AdamW alone
