@@ -88,6 +88,7 @@ class ModelParams(Section):
     head_dim: Annotated[int, Field(ge=8, le=1024)] = 32  # gpt baseline: width / head_dim heads
     norm_eps: Annotated[float, Field(gt=0, lt=1e-2)] = 1e-6
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    tie_head: bool = True  # the output head is the embedding; false: its own matrix (zero at init, AdamW)
 
     @model_validator(mode="after")
     def _floors_ordered(self) -> "ModelParams":
@@ -265,7 +266,7 @@ GROWTH_ONLY = ("train.growth_lr_scale", "train.rewarmup_steps", "train.growth_sp
 # left out of the identity at that value, so a config's runs before and after the addition stay one group (a
 # default changed later is not that value, so its runs are another config, as they should be)
 ADDED_LATER = {"train.schedule": "cosine", "train.decay_fraction": 0.2, "train.optimizer": "adamw",
-               "train.muon_momentum": 0.95}
+               "train.muon_momentum": 0.95, "model.tie_head": True}
 
 
 def _under(key: str, prefixes: tuple[str, ...]) -> bool:

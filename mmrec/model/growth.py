@@ -3,9 +3,9 @@
 docs/model.md explains why each rule below keeps the function. Width x k (k an integer) tiles every channel
 k times. The residual stream is tiled *unscaled*, [x ... x]: its mean square is unchanged, so every RMSNorm
 gives [n ... n] exactly, whatever its eps (a stream scaled by 1/k would be off by a k^2 * eps term).
-  - embedding E [V, D]: tiled along D (no scaling); the tied head is the same tensor and reads [n ... n]
-    through the final norm, whose weight copies are shares s_j * g with sum_j s_j = 1, so the k copies of
-    E (s_j g n) sum to the parent's E g n;
+  - embedding E [V, D]: tiled along D (no scaling); the head (tied: the same tensor; untied: tiled the same
+    way) reads [n ... n] through the final norm, whose weight copies are shares s_j * g with sum_j s_j = 1,
+    so the k copies of E (s_j g n) sum to the parent's E g n;
   - other norms: weights tiled;
   - maps that read a tiled stream and write one (HEM's z, g, o; FFN up and down; attention qkv and proj;
     W_out; the UBOO head): k x k blocks, block (i, j) = W * S_ij, where the shares S_ij of output copy i
@@ -33,7 +33,7 @@ from mmrec.config import GROWTH_SPLIT
 from mmrec.errors import UserError
 from mmrec.model.lm import ModelConfig, build_model
 
-SAME_FIELDS = ("arch", "vocab_size", "memories", "ffn", "dpg_rank", "min_floor", "max_floor", "norm_eps")
+SAME_FIELDS = ("arch", "vocab_size", "memories", "ffn", "dpg_rank", "min_floor", "max_floor", "norm_eps", "tie_head")
 
 
 def width_factor(parent: ModelConfig, child: ModelConfig) -> int:
@@ -96,7 +96,7 @@ class _Grower:
         leaf = parts[-2] if parts[-1] == "weight" else parts[-1]  # the module's name: 'hem', 'norm_h', 'up' ...
         if name in ("wte.weight", "head.weight"):
             return w.repeat(1, k)
-        if name == "norm_f.weight":  # the tied head reads through it: its copies are shares of g
+        if name == "norm_f.weight":  # the head reads through it: its copies are shares of g
             return (w * _shares(k, w.shape, self.split, self.generator, w)).flatten()
         if leaf.startswith("norm"):
             return w.repeat(k)
@@ -143,7 +143,8 @@ def grow_state_dict(parent_sd: dict[str, torch.Tensor], parent_cfg: ModelConfig,
             jitter = torch.randn(grown.shape, generator=generator, dtype=w.dtype).to(w.device)
             grown = grown + jitter * (noise * grown.std())
         out[name] = grown
-    out["head.weight"] = out["wte.weight"]  # tied: one tensor under both names
+    if child_cfg.tie_head:
+        out["head.weight"] = out["wte.weight"]  # one tensor under both names
     for i in range(parent_cfg.layers, child_cfg.layers):  # new blocks: identity until trained
         for name in (f"blocks.{i}.out.weight", f"blocks.{i}.proj.weight", f"blocks.{i}.ffn.down.weight"):
             if name in out:

@@ -48,6 +48,7 @@ class ModelConfig:
     norm_eps: float
     dropout: float
     seq_len: int = 0  # the context it was trained on (train.seq_len); gpt generation crops to it. 0: unknown
+    tie_head: bool = True  # checkpoints from before the option were all tied
 
     def __post_init__(self) -> None:
         if self.arch not in ("mmrec", "gpt"):
@@ -213,9 +214,12 @@ class LanguageModel(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.norm_f = nn.RMSNorm(cfg.width, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.width, cfg.vocab_size, bias=False)
-        self.head.weight = self.wte.weight  # tied
+        if cfg.tie_head:
+            self.head.weight = self.wte.weight
         self.recompute = False  # train.recompute: activation checkpointing per block, set by the trainer
         self.apply(self._init)
+        if not cfg.tie_head:  # uniform logits at the start, as the nanoGPT speedruns' untied head
+            nn.init.zeros_(self.head.weight)
         for name, p in self.named_parameters():  # residual-stream writers, as in GPT-2
             if name.endswith(("out.weight", "proj.weight", "down.weight")):
                 nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.layers))
@@ -256,11 +260,12 @@ def build_model(cfg: ModelConfig) -> LanguageModel:
 
 def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> float:
     """Training FLOPs per token, forward + backward: 6 per parameter (the tied head's matmul is counted by
-    the shared weight; the embedding lookup is free but small beside it), plus for GPT the attention
+    the shared weight; the embedding lookup is free, so an untied embedding is not counted), plus for GPT the attention
     scores and their weighted sum, 12 * layers * width * seq_len (nanoGPT's count, causal mask ignored).
     The scan's O(width) per token is left out, as PaLM's MFU leaves out element-wise work."""
     attention = 12 * cfg.layers * cfg.width * seq_len if cfg.arch == "gpt" else 0
-    return 6.0 * n_params + attention
+    lookup_only = 0 if cfg.tie_head else cfg.vocab_size * cfg.width
+    return 6.0 * (n_params - lookup_only) + attention
 
 
 def count_params(model: nn.Module) -> int:
@@ -270,8 +275,10 @@ def count_params(model: nn.Module) -> int:
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """[hidden matrices, the rest]: weight decay on the matrices only (Muon's when train.optimizer is muon), none on
-    norms, biases, embeddings (the tied head) or floor logits."""
+    norms, biases, embeddings, the output head (tied or not: it maps to tokens, not to a hidden stream, as the
+    speedruns keep it on AdamW) or floor logits."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    embeddings |= {id(m.head.weight) for m in model.modules() if isinstance(m, LanguageModel)}
     decay, no_decay = [], []
     for p in model.parameters():
         (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)

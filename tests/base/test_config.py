@@ -247,7 +247,11 @@ def test_a_rendezvous_endpoint_is_a_host_and_a_port():
 
 def test_a_param_added_later_is_out_of_the_identity_at_its_older_value_so_older_runs_keep_their_group():
     assert set(ADDED_LATER) <= set(flatten(Params().model_dump()))  # each names a real param
-    older = parse_params({"train": {k.split(".")[1]: v for k, v in ADDED_LATER.items()}})
+    sections: dict = {}
+    for key, value in ADDED_LATER.items():
+        section, name = key.split(".")
+        sections.setdefault(section, {})[name] = value
+    older = parse_params(sections)
     assert not set(ADDED_LATER) & set(older.config_identity("tiny"))  # as a run tagged before they existed
     # today's defaults are not what those runs trained with: their runs must be another config
     assert Params().config_identity("tiny")["train.optimizer"] == Params().train.optimizer

@@ -35,7 +35,8 @@ def grow(parent, pcfg, ccfg, dtype=torch.float64, **kw):
 
 SHAPES = {"width x2": (64, 2), "depth +2": (32, 4), "both": (64, 4), "width x3": (96, 3)}
 KINDS = [pytest.param({}, id="mmrec"), pytest.param(dict(ffn="gelu"), id="gelu"),
-         pytest.param(dict(uboo_weight=0.3), id="uboo"), pytest.param(dict(arch="gpt", head_dim=8), id="gpt")]
+         pytest.param(dict(uboo_weight=0.3), id="uboo"), pytest.param(dict(arch="gpt", head_dim=8), id="gpt"),
+         pytest.param(dict(tie_head=False), id="untied")]
 
 
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
@@ -74,6 +75,14 @@ def test_new_blocks_are_identity_but_trainable():
     assert sd["blocks.2.out.weight"].abs().max() == 0 and sd["blocks.2.ffn.down.weight"].abs().max() == 0
     assert sd["blocks.2.hem.weight"].std() > 0  # fresh init, not copies of zero
     assert sd["head.weight"] is sd["wte.weight"]
+
+
+def test_an_untied_head_grows_as_its_own_tensor_and_cannot_grow_into_a_tied_one():
+    pcfg, ccfg = config(32, 2, tie_head=False), config(64, 2, tie_head=False)
+    sd = grow_state_dict(trained_like(pcfg).state_dict(), pcfg, ccfg)
+    assert sd["head.weight"] is not sd["wte.weight"] and not torch.equal(sd["head.weight"], sd["wte.weight"])
+    with pytest.raises(UserError, match="tie_head differs"):
+        grow_state_dict(trained_like(pcfg).state_dict(), pcfg, config(64, 2))
 
 
 def test_noise_breaks_symmetry_and_zero_noise_is_exact():

@@ -1,5 +1,6 @@
 import dataclasses
 import io
+import math
 
 import pytest
 import torch
@@ -129,6 +130,16 @@ def test_param_groups_decay_matrices_only():
     assert id(model.blocks[0].floor_logit) in ids(no_decay["params"])
     assert id(model.blocks[0].hem.weight) in ids(decay["params"])
     assert all(p.dim() >= 2 for p in decay["params"])
+
+
+def test_an_untied_head_is_its_own_zero_matrix_kept_out_of_the_decay():
+    model = build_model(config(tie_head=False))
+    assert model.head.weight is not model.wte.weight and model.head.weight.abs().max() == 0
+    assert count_params(model) == count_params(build_model(config())) + model.head.weight.numel()
+    decay, no_decay = param_groups(model, 0.1)
+    assert id(model.head.weight) in {id(p) for p in no_decay["params"]}
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 9))
+    torch.testing.assert_close(model(idx, idx).ce.item(), math.log(model.cfg.vocab_size))  # uniform at the start
 
 
 def test_config_round_trips_through_a_checkpoint():

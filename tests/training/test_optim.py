@@ -47,4 +47,8 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     assert not muon & adamw and muon | adamw == {id(p) for p in model.parameters()}
     for name, p in model.named_parameters():
         assert (id(p) in muon) == (p.dim() == 2 and not name.startswith("wte")), name  # the tied embedding/head: AdamW
+    untied = build_model(ModelConfig.from_params(ModelParams(head_dim=16, dpg_rank=4, tie_head=False),
+                                                 RungParams(width=32, layers=2), 300))
+    optimizers = build_optimizers(untied, TrainParams(optimizer="muon"), 1e-3, torch.device("cpu"))
+    assert id(untied.head.weight) not in {id(p) for g in optimizers["muon"].param_groups for p in g["params"]}
     assert list(build_optimizers(model, TrainParams(optimizer="adamw"), 1e-3, torch.device("cpu"))) == ["optimizer"]  # AdamW alone
