@@ -241,7 +241,8 @@ def resume_point(ckpt_dir: Path, inputs: dict[str, Any], group: distributed.Grou
 
 def grow_into(model: torch.nn.Module, parent_best: Path, params: Params, val: np.ndarray,
               device: torch.device) -> dict[str, float]:
-    """Load the parent's best weights grown to `model`'s shape; return both step-0 val losses."""
+    """Load the parent's best weights grown to `model`'s shape; return both step-0 val losses. Torch's global
+    generator is left as it was, so the child trains as bench/bench_seeds.py's grown rung of the same seed."""
     from mmrec.model.growth import grow_state_dict
 
     parent = checkpoint.load(parent_best, dvc_fix(f"train@{parent_best.parent.name}"), keys=("model", "config"))
@@ -249,7 +250,8 @@ def grow_into(model: torch.nn.Module, parent_best: Path, params: Params, val: np
     grown = grow_state_dict(parent["model"], parent_cfg, model.cfg, noise=params.promote.growth_noise,
                             generator=torch.Generator().manual_seed(params.seed), split=params.train.growth_split)
     model.load_state_dict(grown)
-    parent_model = build_model(parent_cfg).to(device)
+    with torch.random.fork_rng(devices=[]):  # its init draws nothing from the child's dropout stream
+        parent_model = build_model(parent_cfg).to(device)
     parent_model.load_state_dict(parent["model"])
     starts = fixed_starts(len(val), params.train.seq_len, params.train.eval_windows)
     return {"parent_val_loss": val_loss(parent_model, val, starts, params.train, device),
