@@ -154,7 +154,7 @@ class TrainParams(Section):
     decay_fraction: Annotated[float, Field(gt=0, le=1)] = 0.2  # wsd: the last share of the steps, linear to min_lr
     optimizer: Literal["adamw", "muon"] = "muon"  # muon: Muon for the hidden matrices, AdamW for the rest (optim.py)
     muon_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.95
-    weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.1
+    weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.3
     beta1: Annotated[float, Field(ge=0, lt=1)] = 0.9
     beta2: Annotated[float, Field(ge=0, lt=1)] = 0.99
     grad_clip: Annotated[float, Field(ge=0)] = 1.0  # 0 turns clipping off
