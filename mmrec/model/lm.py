@@ -277,9 +277,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """[hidden matrices, the rest]: weight decay on the matrices only (Muon's when train.optimizer is muon), none on
     norms, biases, embeddings, the output head (tied or not: it maps to tokens, not to a hidden stream, as the
     speedruns keep it on AdamW) or floor logits."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    embeddings |= {id(m.head.weight) for m in model.modules() if isinstance(m, LanguageModel)}
+    token_maps = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    token_maps |= {id(m.head.weight) for m in model.modules() if isinstance(m, LanguageModel)}
     decay, no_decay = [], []
     for p in model.parameters():
-        (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+        (decay if p.dim() >= 2 and id(p) not in token_maps else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -9,8 +9,9 @@ from mmrec.training.optim import Muon, build_optimizers, orthogonalise
 NS = (3.4445, -4.775, 2.0315), 5, 1e-7  # torch's defaults: coefficients, steps, eps
 
 
-def tiny_model() -> torch.nn.Module:
-    return build_model(ModelConfig.from_params(ModelParams(head_dim=16, dpg_rank=4), RungParams(width=32, layers=2), 300))
+def tiny_model(**model) -> torch.nn.Module:
+    return build_model(ModelConfig.from_params(ModelParams(head_dim=16, dpg_rank=4, **model), RungParams(width=32, layers=2),
+                                               300))
 
 
 @pytest.mark.parametrize("shape", [(24, 80), (80, 24)])
@@ -47,8 +48,7 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     assert not muon & adamw and muon | adamw == {id(p) for p in model.parameters()}
     for name, p in model.named_parameters():
         assert (id(p) in muon) == (p.dim() == 2 and not name.startswith("wte")), name  # the tied embedding/head: AdamW
-    untied = build_model(ModelConfig.from_params(ModelParams(head_dim=16, dpg_rank=4, tie_head=False),
-                                                 RungParams(width=32, layers=2), 300))
+    untied = tiny_model(tie_head=False)
     optimizers = build_optimizers(untied, TrainParams(optimizer="muon"), 1e-3, torch.device("cpu"))
     assert id(untied.head.weight) not in {id(p) for g in optimizers["muon"].param_groups for p in g["params"]}
     assert list(build_optimizers(model, TrainParams(optimizer="adamw"), 1e-3, torch.device("cpu"))) == ["optimizer"]  # AdamW alone
