@@ -5,17 +5,33 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def trailing_mean(values: list[float], window: int) -> np.ndarray:
+    """The mean of each value and the window - 1 before it (fewer at the start): no look-ahead."""
+    sums = np.cumsum(np.concatenate([[0.0], values]))
+    ends = np.arange(1, len(values) + 1)
+    starts = np.maximum(0, ends - window)
+    return (sums[ends] - sums[starts]) / (ends - starts)
+
+
 def loss_curves(train: list[tuple[int, float]], val: list[tuple[int, float]], lr: list[tuple[int, float]],
                 path: str | Path, title: str = "") -> None:
-    """Train loss at every step, val loss at each evaluation, the learning rate on a second axis."""
+    """Train loss at every step (faint) and its trailing mean, val loss at each evaluation, the learning rate on a
+    second axis."""
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-    ax.plot([s for s, _ in train], [v for _, v in train], label="train loss (every step)", linewidth=0.8, alpha=0.8)
-    ax.plot([s for s, _ in val], [v for _, v in val], label="val loss (each evaluation)", marker="o", linewidth=1.8)
+    steps, losses = [s for s, _ in train], [v for _, v in train]
+    window = max(1, len(train) // 50)  # a step's loss is one batch: noisy
+    ax.plot(steps, losses, color="tab:blue", linewidth=0.6, alpha=0.3, label="train loss (every step)")
+    if train:
+        ax.plot(steps, trailing_mean(losses, window), color="tab:blue", linewidth=1.4,
+                label=f"train loss (mean of {window} steps)")
+    ax.plot([s for s, _ in val], [v for _, v in val], label="val loss (each evaluation)", marker="o", linewidth=1.8,
+            color="tab:orange")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats / token)")
     if lr:
@@ -23,7 +39,9 @@ def loss_curves(train: list[tuple[int, float]], val: list[tuple[int, float]], lr
         lr_ax.plot([s for s, _ in lr], [v for _, v in lr], color="grey", linestyle=":", label="learning rate")
         lr_ax.set_ylabel("learning rate")
         lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-    ax.legend(loc="upper right")
+    handles = [h for a in fig.axes for h in a.get_legend_handles_labels()[0]]
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=len(handles), fontsize="small",
+              frameon=False)  # below the axes: never over a curve
     ax.set_title(title, fontsize="medium")
     ax.grid(alpha=0.3)
     fig.tight_layout()
