@@ -39,7 +39,7 @@ import torch
 from common import ROOT, setup, train
 from mmrec.files import write_text
 from mmrec.model.growth import grow_state_dict
-from mmrec.data.tokenizer import load_tokenizer, load_tokens
+from mmrec.data.tokenizer import load_tokenizer
 from mmrec.model.inference import bits_per_byte, score_context, text_bytes
 from mmrec.model.lm import ModelConfig, build_model, count_params
 from mmrec.paths import RungPaths
@@ -95,6 +95,8 @@ class Study:
     def __init__(self, params, header, train_tokens, val_tokens, steps: int, parents: Path | None = None):
         self.params, self.vocab, self.steps, self.parents = params, header["vocab_size"], steps, parents
         self.tokens = train_tokens, val_tokens
+        sp = load_tokenizer(RungPaths(ROOT, "").tokenizer_dir)
+        self.val_bytes = text_bytes(sp, val_tokens[1:], sp.eos_id())  # the denominator of val_bpb_context
         self.first: dict[str, tuple[dict, ModelConfig]] = {}  # rung -> (kept weights, config) of params.seed's run
 
     def cfg(self, rung: str) -> ModelConfig:
@@ -116,6 +118,14 @@ class Study:
         return grow_state_dict(state, parent_cfg, self.cfg(rung), noise=self.params.promote.growth_noise,
                                generator=torch.Generator().manual_seed(seed), split=self.params.train.growth_split)
 
+    def val_bpb_context(self, model: torch.nn.Module) -> float:
+        """Val bits per byte with full context, scored as the gate scores test: unlike the best val loss (windows
+        of train.seq_len tokens), comparable across configs that train on other window lengths."""
+        t = self.params.train
+        scores = score_context(model, self.tokens[1], t.seq_len, self.params.evaluate.batch_size, torch.device("cpu"),
+                               ranks=False)
+        return bits_per_byte(scores.nll_sum, self.val_bytes)
+
     def run(self, rung: str, seed: int, own_budget: bool = False):
         """Train one seed of `rung` with the pipeline's budget; returns the kept model, its progress and seconds."""
         seeded = self.params.model_copy(update={"seed": seed})
@@ -131,16 +141,6 @@ class Study:
                 torch.save(self.first[rung][0], tmp)
                 tmp.replace(self.parents / f"{rung}.pt")
         return model, progress, secs, steps
-
-
-def val_bpb_context(model: torch.nn.Module, params, root: Path = ROOT) -> float:
-    """Val bits per byte with full context, scored as the gate scores test: unlike the best val loss (windows of
-    train.seq_len tokens), comparable across configs that train on other window lengths."""
-    paths = RungPaths(root, "")
-    sp, val = load_tokenizer(paths.tokenizer_dir), load_tokens(paths.tokens, "val")
-    scores = score_context(model, val, params.train.seq_len, params.evaluate.batch_size, torch.device("cpu"),
-                           ranks=False)
-    return bits_per_byte(scores.nll_sum, text_bytes(sp, val[1:], sp.eos_id()))
 
 
 def seeds_of(study: Study, rung: str, count: int, first: int) -> dict:
@@ -160,7 +160,8 @@ def seeds_of(study: Study, rung: str, count: int, first: int) -> dict:
         metrics, docs, _ = test_metrics(model.eval(), params.model_copy(update={"seed": seed}), ROOT)
         low, high = figure_interval(docs, p.confidence, p.bootstrap_samples, params.seed)
         rows.append({"seed": seed, "bpb": metrics["test_bpb_context"], "low": low, "high": high,
-                     "val": progress.best_val, "val_bpb_context": val_bpb_context(model, params), "best_step": progress.best_step, "train_s": secs,
+                     "val": progress.best_val, "val_bpb_context": study.val_bpb_context(model),
+                     "best_step": progress.best_step, "train_s": secs,
                      "eval_s": time.perf_counter() - start})
         scores.append(docs)
         print(f"seed {seed}: test bits/byte {metrics['test_bpb_context']:.4f} [{low:.4f}, {high:.4f}], best val loss "
