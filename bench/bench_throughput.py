@@ -3,8 +3,10 @@
     python bench/bench_throughput.py                      # CPU, seq 256 / 1024 / 4096, 8192 tokens a step
     python bench/bench_throughput.py --device cuda --compile --tokens 65536 --steps 8 --stat median
     python bench/bench_throughput.py --device cuda --compile --width 512 --layers 8 --seqs 1024 4096
+    python bench/bench_throughput.py --variants mmrec --seqs 256 --tokens 4096 --optimizer muon --no-scan-times
 
-A step is forward + backward + AdamW (fused on CUDA) on the default tiny rung's shape (params.yaml defaults,
+A step is forward + backward + AdamW (fused on CUDA; with `--optimizer muon`, Muon for the matrices and AdamW
+for the rest, as training builds them) on the default tiny rung's shape (params.yaml defaults,
 vocab 5000), bf16 autocast around the forward on CUDA as training does. tokens/s is the best (or median)
 timed step; MFU is the model's FLOPs per token (6N, plus attention for GPT: mmrec/model/lm.py) times tokens/s
 over the device's peak (a table of GPUs, else a matmul probe: mmrec/training/loop.py). With --compile the first
@@ -28,12 +30,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mmrec.config import ModelParams, RungParams  # noqa: E402
+from mmrec.config import ModelParams, RungParams, TrainParams  # noqa: E402
 from mmrec.training.device import autocast  # noqa: E402
 from mmrec.model.lm import ModelConfig, build_model, count_params, flops_per_token, param_groups  # noqa: E402
 from mmrec.training.perf import peak_flops  # noqa: E402
 from mmrec.model.scan import FLA_AVAILABLE, hgrn_scan, linear_scan, scan_backend  # noqa: E402
 from mmrec.training.loop import forward_backward  # noqa: E402
+from mmrec.training.optim import build_optimizers  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -48,7 +51,10 @@ def one_run(variant: str, seq: int, args: argparse.Namespace) -> dict:
     cfg = ModelConfig.from_params(ModelParams(arch=arch), RungParams(width=args.width, layers=args.layers),
                                   args.vocab)
     model = build_model(cfg).to(device)
-    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3, fused=device.type == "cuda")
+    if args.optimizer == "muon":
+        opts = list(build_optimizers(model, TrainParams(optimizer="muon"), 1e-3, device).values())
+    else:
+        opts = [torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3, fused=device.type == "cuda")]
     step_fn = torch.compile(model) if args.compile else model
     batch = max(1, args.tokens // seq)
     x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
@@ -57,8 +63,9 @@ def one_run(variant: str, seq: int, args: argparse.Namespace) -> dict:
         sync(device)
         start = time.perf_counter()
         forward_backward(step_fn, x[:, :-1], x[:, 1:], 1.0, autocast(device))  # as fit() does it
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         sync(device)
         times.append(time.perf_counter() - start)
     timed = times[args.warmup:]
@@ -118,6 +125,8 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=5000)
+    ap.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
+                    help="muon: Muon for the matrices and AdamW for the rest, as train.optimizer muon builds them")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
     ap.add_argument("--scan-times", action=argparse.BooleanOptionalAction, default=True,
                     help="also time one scan of each backend at each seq")
@@ -136,7 +145,7 @@ def main() -> None:
     peak, source = peak_flops(device.type)
     print(f"device {device_name}, torch {torch.__version__}, {args.tokens} tokens/step, {args.warmup} warmup + "
           f"{args.stat} of {args.steps} timed steps, compile {args.compile}, width {args.width}, layers "
-          f"{args.layers}, vocab {args.vocab}; peak {peak / 1e12:.3g} TFLOP/s ({source})\n")
+          f"{args.layers}, vocab {args.vocab}, {args.optimizer}; peak {peak / 1e12:.3g} TFLOP/s ({source})\n")
     mem = "peak GPU MB" if args.device == "cuda" else "peak RSS MB"
     print(f"| seq | batch | model | scan | params | tokens/s | MFU | first step s | {mem} |")
     print("|---:|---:|---|---|---:|---:|---:|---:|---:|", flush=True)
