@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mmrec.config import ModelParams, RungParams, TrainParams  # noqa: E402
 from mmrec.training.device import autocast  # noqa: E402
-from mmrec.model.lm import ModelConfig, build_model, count_params, flops_per_token, param_groups  # noqa: E402
+from mmrec.model.lm import ModelConfig, build_model, count_params, flops_per_token  # noqa: E402
 from mmrec.training.perf import peak_flops  # noqa: E402
 from mmrec.model.scan import FLA_AVAILABLE, hgrn_scan, linear_scan, scan_backend  # noqa: E402
 from mmrec.training.loop import forward_backward  # noqa: E402
@@ -51,10 +51,7 @@ def one_run(variant: str, seq: int, args: argparse.Namespace) -> dict:
     cfg = ModelConfig.from_params(ModelParams(arch=arch), RungParams(width=args.width, layers=args.layers),
                                   args.vocab)
     model = build_model(cfg).to(device)
-    if args.optimizer == "muon":
-        opts = list(build_optimizers(model, TrainParams(optimizer="muon"), 1e-3, device).values())
-    else:
-        opts = [torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3, fused=device.type == "cuda")]
+    opts = build_optimizers(model, TrainParams(optimizer=args.optimizer), 1e-3, device).values()
     step_fn = torch.compile(model) if args.compile else model
     batch = max(1, args.tokens // seq)
     x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
@@ -126,7 +123,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=5000)
     ap.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
-                    help="muon: Muon for the matrices and AdamW for the rest, as train.optimizer muon builds them")
+                    help="built as training builds train.optimizer (muon: Muon for the matrices, AdamW for the rest)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
     ap.add_argument("--scan-times", action=argparse.BooleanOptionalAction, default=True,
                     help="also time one scan of each backend at each seq")

@@ -26,7 +26,8 @@ VERBS = ["went up to", "spake unto", "looked upon", "came down from", "gave brea
 OBJECTS = ["the mountain", "the house of David", "Jerusalem", "the river", "the land of Egypt", "the temple"]
 
 
-E2E = Path(__file__).resolve().parent / "e2e"
+TESTS = Path(__file__).resolve().parent
+E2E = TESTS / "e2e"
 
 # The slowest files, slowest first (seconds of one worker in the whole suite on 2 cores, 2026-12-06: 389, 221,
 # 197, 161, 159, 149, 145, 143, 122, 82, 80; the next file takes 39). Workers take whole files in collection
@@ -46,10 +47,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.is_relative_to(E2E):
             item.add_marker(pytest.mark.e2e)
-    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
-    tests = Path(__file__).resolve().parent
-    items.sort(key=lambda item: rank.get(item.path.relative_to(tests).as_posix(), len(rank))
-               if item.path.is_relative_to(tests) else len(rank))
+    rank = {TESTS / name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path, len(rank)))
 
 
 @pytest.fixture(autouse=True)

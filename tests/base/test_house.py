@@ -5,7 +5,7 @@ import ast
 import yaml
 
 from mmrec.sources import PACKAGE, all_modules, closure, import_graph, module_file
-from tests.conftest import REPO, SLOWEST_FIRST
+from tests.conftest import REPO, SLOWEST_FIRST, TESTS
 
 # Higher floors use lower ones, never the reverse; rooms on one floor do not use each other.
 FLOORS = [
@@ -93,5 +93,5 @@ def test_only_the_config_module_reads_yaml():
 
 def test_the_suites_slowest_first_list_names_files_that_exist():
     """A renamed file would drop out of the list silently and end the suite on one worker again."""
-    missing = [name for name in SLOWEST_FIRST if not (REPO / "tests" / name).is_file()]
+    missing = [name for name in SLOWEST_FIRST if not (TESTS / name).is_file()]
     assert not missing and len(set(SLOWEST_FIRST)) == len(SLOWEST_FIRST), missing
